@@ -1,0 +1,176 @@
+"""Every client method, written once, as a description of the call.
+
+Each function here takes the method's Python arguments and returns a
+``Call``: the wire method, its params, and how to turn the raw result into
+the typed value the caller gets. The sync client runs a ``Call`` over a
+blocking socket and the async clients await it; neither repeats a method's
+arguments, defaults or conversions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ._types import CleanupResult, Health, LockResult, LockStatus, WorkflowState, WorkflowStats
+
+__all__ = ["Call", "cache_key"]
+
+T = TypeVar("T")
+
+SESSION_TTL = 86400  # seconds: the seed's session lifetime
+CACHE_TTL = 3600  # seconds: the seed's API-cache lifetime
+LOCK_TTL = 300  # seconds: the seed's execution-lock lifetime
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    method: str
+    params: list[Any]
+    convert: Callable[[Any], T] = _same
+
+
+def cache_key(params: Any) -> str:
+    """md5 hex of the canonical JSON of ``params`` (sorted keys, no spaces).
+
+    This is the seed's ``generateCacheKey``: the same request parameters give
+    the same key in Python and in the TypeScript app.
+    """
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()
+
+
+def _optional_state(state: Any) -> WorkflowState | None:
+    return None if state is None else WorkflowState.from_wire(state)
+
+
+def ping() -> Call[str]:
+    return Call("ping", [])
+
+
+def health() -> Call[Health]:
+    return Call("health", [], Health.from_wire)
+
+
+def metrics() -> Call[str]:
+    """The Prometheus text exposition."""
+    return Call("metrics", [])
+
+
+def set_session(user_id: str, data: dict[str, Any], ttl: float = SESSION_TTL) -> Call[bool]:
+    return Call("session.set", [user_id, data, ttl], bool)
+
+
+def get_session(user_id: str) -> Call[dict[str, Any] | None]:
+    return Call("session.get", [user_id])
+
+
+def delete_session(user_id: str) -> Call[bool]:
+    """True when the session existed."""
+    return Call("session.delete", [user_id], bool)
+
+
+def touch_session(user_id: str, ttl: float = SESSION_TTL) -> Call[bool]:
+    """Reset a session's TTL; True when it existed."""
+    return Call("session.touch", [user_id, ttl], bool)
+
+
+def cache_api_response(key: str, response: Any, ttl: float = CACHE_TTL) -> Call[bool]:
+    return Call("cache.set", [key, response, ttl], bool)
+
+
+def get_cached_api_response(key: str) -> Call[Any]:
+    return Call("cache.get", [key])
+
+
+def delete_cached_api_response(key: str) -> Call[bool]:
+    return Call("cache.delete", [key], bool)
+
+
+def start_workflow_tracking(
+    execution_id: str, workflow_id: str, total_steps: int, data: dict[str, Any] | None = None
+) -> Call[WorkflowState]:
+    return Call(
+        "workflow.start", [execution_id, workflow_id, total_steps, data], WorkflowState.from_wire
+    )
+
+
+def update_workflow_progress(
+    execution_id: str, completed_steps: int, current_step: str, data: dict[str, Any] | None = None
+) -> Call[WorkflowState]:
+    return Call(
+        "workflow.update",
+        [execution_id, completed_steps, current_step, data],
+        WorkflowState.from_wire,
+    )
+
+
+def complete_workflow_tracking(
+    execution_id: str,
+    status: str = "completed",
+    error: str | None = None,
+    final_data: dict[str, Any] | None = None,
+) -> Call[WorkflowState]:
+    return Call(
+        "workflow.complete", [execution_id, status, error, final_data], WorkflowState.from_wire
+    )
+
+
+def fetch_workflow_state(execution_id: str) -> Call[WorkflowState | None]:
+    return Call("workflow.get", [execution_id], _optional_state)
+
+
+def active_workflows() -> Call[list[str]]:
+    return Call("workflow.active", [], lambda result: list(result["activeExecutions"]))
+
+
+def active_workflows_detailed() -> Call[list[WorkflowState]]:
+    return Call(
+        "workflow.active_detailed",
+        [],
+        lambda result: [WorkflowState.from_wire(state) for state in result["workflows"]],
+    )
+
+
+def workflow_stats() -> Call[WorkflowStats]:
+    return Call("workflow.stats", [], WorkflowStats.from_wire)
+
+
+def cleanup_workflows() -> Call[CleanupResult]:
+    """Mark stale runs failed and prune the active set (admin only)."""
+    return Call("workflow.cleanup", [], CleanupResult.from_wire)
+
+
+def acquire_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[LockResult]:
+    """Try to take the execution lock; the result carries the fencing token."""
+    return Call("lock.acquire", [execution_id, worker_id, ttl], LockResult.from_wire)
+
+
+def lock_workflow_execution(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[bool]:
+    """Try to take the execution lock; True when this worker holds it now."""
+    return Call(
+        "lock.acquire", [execution_id, worker_id, ttl], lambda result: bool(result["acquired"])
+    )
+
+
+def unlock_workflow_execution(execution_id: str, worker_id: str) -> Call[bool]:
+    """Release the lock if this worker holds it; True when it was released."""
+    return Call("lock.release", [execution_id, worker_id], lambda result: bool(result["released"]))
+
+
+def extend_workflow_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[bool]:
+    """Reset the lock's TTL if this worker holds it; True when extended."""
+    return Call(
+        "lock.extend", [execution_id, worker_id, ttl], lambda result: bool(result["extended"])
+    )
+
+
+def is_workflow_locked(execution_id: str) -> Call[LockStatus]:
+    return Call("lock.status", [execution_id], LockStatus.from_wire)

@@ -1,0 +1,229 @@
+"""The blocking client: one Unix-socket connection, one request at a time.
+
+A ``Client`` connects lazily, on the first call, and reconnects by itself: if
+the daemon restarted since the last call, sending on the old connection fails
+before the daemon could have read anything, so the request is sent once more
+on a fresh connection. A connection that breaks *after* a request went out
+raises ``ConnectionLost`` instead, because the request may have been applied.
+
+A ``Client`` may be shared between threads; calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from . import _calls
+from ._calls import LOCK_TTL, Call
+from ._paths import resolve_socket_path
+from ._types import LockResult
+from .errors import (
+    ConnectionLost,
+    DaemonUnavailable,
+    LockHeld,
+    ProtocolError,
+    RequestTimeout,
+    WksError,
+    error_from_wire,
+)
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MSGID,
+    NEED_DATA,
+    Decoder,
+    Notification,
+    Response,
+    encode_request,
+)
+
+__all__ = ["Client"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Bytes asked of the socket per read; responses are usually far smaller.
+_READ_CHUNK = 65536
+
+
+def _method(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    """Make a client method that runs the ``Call`` that ``build`` describes."""
+
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(build(*args, **kwargs))
+
+    functools.update_wrapper(method, build)
+    return method
+
+
+class Client:
+    """Blocking client for wksd. Use as a context manager, or call ``close``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        timeout: float = 5.0,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.path = resolve_socket_path(path)
+        self.timeout = timeout
+        self._max_message_bytes = max_message_bytes
+        self._sock: socket.socket | None = None
+        self._decoder = Decoder(max_message_bytes)
+        self._msgid = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def call(self, method: str, /, *params: Any) -> Any:
+        """Call any method with positional params; the raw result."""
+        return self._run(Call(method, list(params)))
+
+    # -- the methods of DESIGN section 3.4 -------------------------------
+    ping = _method(_calls.ping)
+    health = _method(_calls.health)
+    metrics = _method(_calls.metrics)
+    set_session = _method(_calls.set_session)
+    get_session = _method(_calls.get_session)
+    delete_session = _method(_calls.delete_session)
+    touch_session = _method(_calls.touch_session)
+    cache_api_response = _method(_calls.cache_api_response)
+    get_cached_api_response = _method(_calls.get_cached_api_response)
+    delete_cached_api_response = _method(_calls.delete_cached_api_response)
+    start_workflow_tracking = _method(_calls.start_workflow_tracking)
+    update_workflow_progress = _method(_calls.update_workflow_progress)
+    complete_workflow_tracking = _method(_calls.complete_workflow_tracking)
+    fetch_workflow_state = _method(_calls.fetch_workflow_state)
+    active_workflows = _method(_calls.active_workflows)
+    active_workflows_detailed = _method(_calls.active_workflows_detailed)
+    workflow_stats = _method(_calls.workflow_stats)
+    cleanup_workflows = _method(_calls.cleanup_workflows)
+    acquire_lock = _method(_calls.acquire_lock)
+    lock_workflow_execution = _method(_calls.lock_workflow_execution)
+    unlock_workflow_execution = _method(_calls.unlock_workflow_execution)
+    extend_workflow_lock = _method(_calls.extend_workflow_lock)
+    is_workflow_locked = _method(_calls.is_workflow_locked)
+
+    @contextmanager
+    def execute_with_lock(
+        self, execution_id: str, worker_id: str, ttl: float = LOCK_TTL
+    ) -> Iterator[LockResult]:
+        """Hold the execution lock for the ``with`` block, then release it.
+
+        Raises ``LockHeld`` when another worker holds it. The lock is released
+        however the block ends; a failure to release is raised only when the
+        block itself succeeded, so it never hides the block's own error.
+        """
+        lock = self.acquire_lock(execution_id, worker_id, ttl)
+        if not lock:
+            raise LockHeld(f"{execution_id} is locked by {lock.worker_id}", lock.worker_id)
+        try:
+            yield lock
+        except BaseException:
+            with contextlib.suppress(WksError):  # the block's own exception is the one to see
+                self.unlock_workflow_execution(execution_id, worker_id)
+            raise
+        self.unlock_workflow_execution(execution_id, worker_id)
+
+    # -- transport --------------------------------------------------------
+    def _run(self, call: Call[T]) -> T:
+        with self._lock:
+            result = self._roundtrip(call.method, call.params)
+        return call.convert(result)
+
+    def _roundtrip(self, method: str, params: list[Any]) -> Any:
+        self._msgid = msgid = (self._msgid + 1) & MAX_MSGID
+        payload = encode_request(msgid, method, params)
+        deadline = time.monotonic() + self.timeout
+        if self._sock is None:
+            self._connect()
+        try:
+            self._send(payload)
+        except OSError:
+            # The old connection is dead (the daemon restarted); nothing was
+            # read from it, so sending again on a new one is safe.
+            self._drop()
+            self._connect()
+            try:
+                self._send(payload)
+            except OSError as exc:
+                self._drop()
+                raise ConnectionLost(f"sending to {self.path} failed: {exc}") from exc
+        return self._wait_for(msgid, deadline)
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(
+                f"cannot connect to wksd at {self.path}: {exc.strerror or exc}"
+            ) from exc
+        self._sock = sock
+        self._decoder = Decoder(self._max_message_bytes)
+
+    def _send(self, payload: bytes) -> None:
+        assert self._sock is not None
+        self._sock.sendall(payload, socket.MSG_NOSIGNAL)
+
+    def _wait_for(self, msgid: int, deadline: float) -> Any:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            try:
+                event = self._decoder.next_event()
+            except ProtocolError:
+                self._drop()
+                raise
+            if event is NEED_DATA:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RequestTimeout(f"no answer from wksd within {self.timeout} s")
+                try:
+                    sock.settimeout(remaining)
+                    data = sock.recv(_READ_CHUNK)
+                except TimeoutError:
+                    raise RequestTimeout(f"no answer from wksd within {self.timeout} s") from None
+                except OSError as exc:
+                    self._drop()
+                    raise ConnectionLost(f"connection to wksd broke: {exc}") from exc
+                if not data:
+                    self._drop()
+                    raise ConnectionLost("wksd closed the connection before answering")
+                self._decoder.receive_data(data)
+            elif isinstance(event, Response):
+                # Answers to earlier calls that timed out are skipped.
+                if event.msgid == msgid or event.msgid is None:
+                    if event.error is not None:
+                        raise error_from_wire(event.error)
+                    return event.result
+            elif isinstance(event, Notification):
+                if event.method == "protocol_error":
+                    self._drop()
+                    raise ProtocolError(f"wksd closed the connection: {event.params}")
+            else:  # Invalid, or a Request: the daemon never sends those
+                self._drop()
+                raise ProtocolError(f"unexpected message from wksd: {event}")
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

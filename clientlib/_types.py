@@ -1,0 +1,151 @@
+"""Typed results: the daemon's camelCase maps as snake_case dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CleanupResult",
+    "Health",
+    "LockResult",
+    "LockStatus",
+    "WorkflowState",
+    "WorkflowStats",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowState:
+    """One workflow execution (DESIGN section 3.1); times in epoch ms."""
+
+    execution_id: str
+    workflow_id: str
+    status: str
+    progress: int
+    current_step: str
+    total_steps: int
+    completed_steps: int
+    data: dict[str, Any]
+    started_at: int
+    updated_at: int
+    estimated_completion: int | None = None
+    completed_at: int | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+    @classmethod
+    def from_wire(cls, state: dict[str, Any]) -> WorkflowState:
+        return cls(
+            execution_id=state["executionId"],
+            workflow_id=state.get("workflowId", ""),
+            status=state.get("status", ""),
+            progress=state.get("progress", 0),
+            current_step=state.get("currentStep", ""),
+            total_steps=state.get("totalSteps", 0),
+            completed_steps=state.get("completedSteps", 0),
+            data=state.get("data") or {},
+            started_at=state.get("startedAt", 0),
+            updated_at=state.get("updatedAt", 0),
+            estimated_completion=state.get("estimatedCompletion"),
+            completed_at=state.get("completedAt"),
+            error=state.get("error"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LockResult:
+    """The answer to an acquire: truthy when the lock is yours.
+
+    ``worker_id`` is the holder (you, or whoever has it), ``fencing_token``
+    grows with every fresh acquisition of the execution id, ``expires_at`` is
+    epoch ms. The last two are None when the lock was not acquired.
+    """
+
+    acquired: bool
+    worker_id: str | None
+    fencing_token: int | None = None
+    expires_at: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.acquired
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> LockResult:
+        return cls(
+            acquired=bool(result["acquired"]),
+            worker_id=result.get("workerId"),
+            fencing_token=result.get("fencingToken"),
+            expires_at=result.get("expiresAt"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LockStatus:
+    """Who holds a lock; ``ttl`` is the time left in ms."""
+
+    locked: bool
+    worker_id: str | None
+    ttl: int | None
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> LockStatus:
+        return cls(bool(result["locked"]), result.get("workerId"), result.get("ttl"))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStats:
+    active_executions: int
+    executions_by_status: dict[str, int]
+    average_progress: int
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> WorkflowStats:
+        return cls(
+            result["activeExecutions"],
+            dict(result["executionsByStatus"]),
+            result["averageProgress"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupResult:
+    cleaned: int
+    errors: int
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> CleanupResult:
+        return cls(result["cleaned"], result["errors"])
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The health document (DESIGN section 7)."""
+
+    status: str
+    backend: str
+    redis_status: str
+    redis_latency: float | None
+    memory_keys: int
+    uptime: float
+    version: str
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, result: dict[str, Any]) -> Health:
+        checks = result.get("checks", {})
+        redis = checks.get("redis", {})
+        memory = checks.get("memory", {})
+        return cls(
+            status=result["status"],
+            backend=result["backend"],
+            redis_status=redis.get("status", "disabled"),
+            redis_latency=redis.get("latency"),
+            memory_keys=memory.get("keys", 0),
+            uptime=result.get("uptime", 0),
+            version=result.get("version", ""),
+            checks=checks,
+        )
