@@ -1,0 +1,5 @@
+"""wksd: the local state sidecar daemon (see README.md and DESIGN.md)."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,264 @@
+"""The daemon: its parts, wired, and the one nursery tree they run in.
+
+``Daemon`` builds the store, the domain services, the method table and the
+server from a ``Config``. ``run`` binds the socket (or takes one handed over),
+then runs the server, the memory sweeper and the workflow cleanup as children
+of one nursery (STYLE habit 5). ``shutdown`` stops accepting and reading,
+waits up to ``shutdown_timeout`` for every connection to answer what it has
+read, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import structlog
+import trio
+
+from clientlib.errors import RemoteError
+
+from . import __version__
+from .access import AccessPolicy
+from .clock import Clock, SystemClock
+from .config import Config
+from .domain import Documents, Locks, Workflows
+from .keys import KeySpace
+from .methods import (
+    Dispatcher,
+    Method,
+    Param,
+    anything,
+    finish_status,
+    identifier,
+    integer,
+    mapping,
+    text,
+    ttl,
+)
+from .metrics import Metrics
+from .server import Server, bind_unix_socket
+from .store.base import Store
+from .store.memory import MemoryStore
+
+__all__ = ["Daemon"]
+
+log = structlog.get_logger("wksd")
+
+SESSION_TTL = 86400.0  # seconds (DESIGN section 4)
+CACHE_TTL = 3600.0
+LOCK_TTL = 300.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        listen_socket: trio.socket.SocketType | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.keys = keys = KeySpace(config.key_prefix)
+        self.metrics = Metrics()
+        self.memory = MemoryStore(
+            clock=self.clock,
+            max_keys=config.memory_max_keys,
+            evictable=lambda key: key.startswith(keys.cache_prefix),
+        )
+        self.metrics.observe_memory(self.memory)
+        self.store: Store = self.memory
+        self.metrics.set_backend("memory")
+        self.sessions = Documents(self.store, keys.session, "session data")
+        self.cache = Documents(self.store, keys.cache, "cache value")
+        self.workflows = Workflows(
+            self.store, keys, self.clock, stale_after=config.workflow_stale_after
+        )
+        self.locks = Locks(self.store, keys, self.clock)
+        self.dispatcher = Dispatcher(self._methods(), self.metrics)
+        self._listen_socket = listen_socket
+        self._owns_path = False
+        self._started = time.monotonic()
+        self._stop = trio.Event()
+        self.server: Server | None = None
+
+    def shutdown(self) -> None:
+        """Ask ``run`` to drain and return (safe to call more than once)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- methods that belong to the daemon itself ----------------------------
+    async def ping(self) -> str:
+        return "PONG"
+
+    async def health(self) -> dict[str, Any]:
+        memory_status = "full" if self.memory.full else "up"
+        return {
+            "status": "unhealthy" if self.memory.full else "healthy",
+            "backend": "memory",
+            "checks": {
+                "redis": {"status": "disabled", "latency": None},
+                "memory": {"status": memory_status, "keys": len(self.memory)},
+            },
+            "uptime": round(time.monotonic() - self._started, 3),
+            "version": __version__,
+        }
+
+    async def metrics_text(self) -> str:
+        return self.metrics.render()
+
+    def _methods(self) -> list[Method]:
+        sessions, cache, workflows, locks = self.sessions, self.cache, self.workflows, self.locks
+        execution = Param("execution_id", identifier)
+        worker = Param("worker_id", identifier)
+        return [
+            Method("ping", (), self.ping),
+            Method("health", (), self.health),
+            Method("metrics", (), self.metrics_text),
+            Method(
+                "session.set",
+                (
+                    Param("user_id", identifier),
+                    Param("data", mapping),
+                    Param("ttl", ttl, SESSION_TTL),
+                ),
+                sessions.set,
+            ),
+            Method("session.get", (Param("user_id", identifier),), sessions.get),
+            Method("session.delete", (Param("user_id", identifier),), sessions.delete),
+            Method(
+                "session.touch",
+                (Param("user_id", identifier), Param("ttl", ttl, SESSION_TTL)),
+                sessions.touch,
+            ),
+            Method(
+                "cache.set",
+                (Param("key", identifier), Param("value", anything), Param("ttl", ttl, CACHE_TTL)),
+                cache.set,
+            ),
+            Method("cache.get", (Param("key", identifier),), cache.get),
+            Method("cache.delete", (Param("key", identifier),), cache.delete),
+            Method(
+                "workflow.start",
+                (
+                    execution,
+                    Param("workflow_id", identifier),
+                    Param("total_steps", integer(1)),
+                    Param("data", mapping, {}),
+                ),
+                workflows.start,
+            ),
+            Method(
+                "workflow.update",
+                (
+                    execution,
+                    Param("completed_steps", integer(0)),
+                    Param("current_step", text),
+                    Param("data", mapping, None),
+                ),
+                workflows.update,
+            ),
+            Method(
+                "workflow.complete",
+                (
+                    execution,
+                    Param("status", finish_status),
+                    Param("error", text, None),
+                    Param("final_data", mapping, None),
+                ),
+                workflows.complete,
+            ),
+            Method("workflow.get", (execution,), workflows.get),
+            Method("workflow.active", (), workflows.active),
+            Method("workflow.active_detailed", (), workflows.active_detailed),
+            Method("workflow.stats", (), workflows.stats),
+            Method("workflow.cleanup", (), self._cleanup, admin=True),
+            Method("lock.acquire", (execution, worker, Param("ttl", ttl, LOCK_TTL)), locks.acquire),
+            Method("lock.release", (execution, worker), locks.release),
+            Method("lock.extend", (execution, worker, Param("ttl", ttl, LOCK_TTL)), locks.extend),
+            Method("lock.status", (execution,), locks.status),
+        ]
+
+    async def _cleanup(self) -> dict[str, int]:
+        result = await self.workflows.cleanup()
+        self.metrics.workflows_cleaned.inc(result["cleaned"])
+        if result["cleaned"] or result["errors"]:
+            log.info("workflow cleanup", **result)
+        return result
+
+    # -- running -------------------------------------------------------------------
+    def listen(self) -> None:
+        """Bind the socket now, unless one was handed over; errors surface here."""
+        if self._listen_socket is None:
+            config = self.config
+            self._listen_socket = bind_unix_socket(config.socket, config.socket_mode)
+            self._owns_path = True
+
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        self.listen()
+        sock = self._listen_socket
+        assert sock is not None
+        try:
+            socket_gid = _socket_gid(sock)
+            policy = AccessPolicy.from_config(config, socket_gid)
+            self.server = server = Server(
+                self.dispatcher, policy, self.metrics, max_message_bytes=config.max_message_bytes
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sweep_forever)
+                if config.cleanup_interval:
+                    nursery.start_soon(self._cleanup_forever)
+                await nursery.start(server.serve, [trio.SocketListener(sock)])
+                log.info("serving", socket=config.socket, backend="memory", version=__version__)
+                task_status.started(self)
+                await self._stop.wait()
+                log.info("stopping", connections=server.connection_count)
+                with trio.move_on_after(config.shutdown_timeout) as grace:
+                    await server.drain()
+                if grace.cancelled_caught:
+                    log.warning(
+                        "shutdown timeout; closing connections still busy",
+                        connections=server.connection_count,
+                    )
+                nursery.cancel_scope.cancel()
+        finally:
+            sock.close()
+            if self._owns_path:
+                _unlink_quietly(config.socket)
+        log.info("stopped")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await trio.sleep(self.config.sweep_interval)
+            freed = await self.memory.sweep()
+            if freed:
+                self.metrics.sweeper_evictions.inc(freed)
+
+    async def _cleanup_forever(self) -> None:
+        while True:
+            await trio.sleep(self.config.cleanup_interval)
+            try:
+                await self._cleanup()
+            except RemoteError as exc:
+                log.warning("workflow cleanup failed", error=exc.code)
+
+
+def _socket_gid(sock: trio.socket.SocketType) -> int | None:
+    """The group of an inherited socket's file, if it has one."""
+    try:
+        name = sock.getsockname()
+        return os.stat(name).st_gid if isinstance(name, str) and name else None
+    except OSError:
+        return None
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,178 @@
+"""The method table: wire params in, typed arguments out (STYLE habit 2).
+
+Each method of DESIGN section 3 is one ``Method`` row: its name, its
+parameters with the check that turns a raw msgpack value into a typed Python
+value (or raises ``BadRequest`` naming the parameter), and the handler that
+receives them. Raw params never travel past ``Dispatcher.call``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from clientlib.errors import BadRequest, Forbidden, InternalError, RemoteError, UnknownMethod
+
+from .access import Peer
+from .domain.values import MAX_TEXT_BYTES
+from .domain.workflows import FINISHED
+from .metrics import Metrics
+
+__all__ = ["Dispatcher", "Method", "Param"]
+
+log = structlog.get_logger("wksd.methods")
+
+#: Identifiers are non-empty strings of at most this many bytes (DESIGN 3).
+MAX_ID_BYTES: Final = 256
+#: TTLs above ten years are surely mistakes; they would pin a key for good.
+MAX_TTL_SECONDS: Final = 10 * 365 * 86400
+#: Integers are shared with JavaScript, which is exact only up to 2**53 - 1.
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+
+_REQUIRED: Final = object()
+
+Check = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    check: Check
+    default: Any = _REQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    name: str
+    params: tuple[Param, ...]
+    handler: Callable[..., Awaitable[Any]]
+    admin: bool = False
+
+    def bind(self, raw: Sequence[Any], lenient: bool = False) -> list[Any]:
+        """Check ``raw`` params against the signature; the typed arguments.
+
+        Omitted or nil optional params take their defaults. ``lenient`` is
+        for the text protocol, where a bare ``123`` is typed as a number but
+        meant as an identifier: integers are accepted for string params.
+        """
+        if len(raw) > len(self.params):
+            raise BadRequest(f"{self.name} takes at most {len(self.params)} params, got {len(raw)}")
+        args = []
+        for index, param in enumerate(self.params):
+            value = raw[index] if index < len(raw) else None
+            if value is None:
+                if param.default is _REQUIRED:
+                    raise BadRequest(f"{self.name}: {param.name} is required")
+                args.append(param.default)
+                continue
+            if lenient and type(value) is int and param.check in _STRING_CHECKS:
+                value = str(value)
+            args.append(param.check(param.name, value))
+        return args
+
+
+# -- parameter checks ----------------------------------------------------------
+def identifier(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name} must be a non-empty string")
+    if len(value) > MAX_ID_BYTES // 4 and len(value.encode()) > MAX_ID_BYTES:
+        raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
+    return value
+
+
+def text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    if len(value) > MAX_TEXT_BYTES // 4 and len(value.encode()) > MAX_TEXT_BYTES:
+        raise BadRequest(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
+    return value
+
+
+_STRING_CHECKS: Final = (identifier, text)
+
+
+def ttl(name: str, value: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise BadRequest(f"{name} must be a number of seconds greater than 0")
+    if value > MAX_TTL_SECONDS:
+        raise BadRequest(f"{name} must be at most {MAX_TTL_SECONDS} seconds")
+    return float(value)
+
+
+def mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name} must be a map")
+    return value
+
+
+def anything(name: str, value: Any) -> Any:
+    return value
+
+
+def integer(low: int) -> Check:
+    def check(name: str, value: Any) -> int:
+        if type(value) is not int or not low <= value <= MAX_SAFE_INTEGER:
+            raise BadRequest(f"{name} must be an integer from {low} to {MAX_SAFE_INTEGER}")
+        return value
+
+    return check
+
+
+def finish_status(name: str, value: Any) -> str:
+    if value not in FINISHED or not isinstance(value, str):
+        raise BadRequest(f"{name} must be one of {', '.join(sorted(FINISHED))}")
+    return value
+
+
+# -- the dispatcher ----------------------------------------------------------------
+class Dispatcher:
+    """Looks a method up, checks access and params, runs it, counts it."""
+
+    def __init__(self, methods: Sequence[Method], metrics: Metrics) -> None:
+        self.methods = {method.name: method for method in methods}
+        self._metrics = metrics
+        # Label children resolved once: .labels() costs a dict lookup and a
+        # lock on every call otherwise.
+        self._durations = {
+            name: metrics.request_duration.labels(name) for name in [*self.methods, "other"]
+        }
+
+    async def call(
+        self,
+        name: str,
+        params: Sequence[Any],
+        *,
+        peer: Peer | None = None,
+        allowed: bool = True,
+        admin: bool = True,
+        lenient: bool = False,
+    ) -> Any:
+        """Run one request; its result, or the ``RemoteError`` to answer with."""
+        started = time.perf_counter()
+        method = self.methods.get(name)
+        label = name if method is not None else "other"
+        code = "OK"
+        try:
+            if not allowed:
+                raise Forbidden("this uid and its groups are not allowed to use wksd")
+            if method is None:
+                raise UnknownMethod(f"no method {name!r}")
+            if method.admin and not admin:
+                raise Forbidden(f"{name} is for admins only")
+            return await method.handler(*method.bind(params, lenient))
+        except RemoteError as exc:
+            code = exc.code
+            raise
+        except Exception as exc:
+            code = InternalError.code
+            # The type and place only: parameters may hold secrets.
+            log.error("handler failed", method=label, error=type(exc).__name__, exc_info=True)
+            raise InternalError("internal error; see the daemon's log") from exc
+        finally:
+            self._durations[label].observe(time.perf_counter() - started)
+            self._metrics.requests.labels(label, code).inc()

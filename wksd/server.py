@@ -1,0 +1,303 @@
+"""The Unix-socket server: accept, read, answer, in order, per connection.
+
+Theory of operation
+-------------------
+One task per connection runs ``receive_some -> protocol -> dispatch -> send``.
+The first byte picks the protocol: an ASCII letter opens a text session
+(``clientlib.textmode``), anything else is msgpack-RPC (``clientlib.protocol``).
+
+Requests of one connection are applied one after another, in the order they
+arrived. Everything decoded from one read is answered before the next read,
+and the answers are written together, so a pipelining client pays one write
+per batch. Backpressure is the socket itself: the daemon reads at most
+``READ_CHUNK`` bytes ahead of what it has answered, and a client that stops
+reading its answers stops being read.
+
+End of input (a half-close) is answered like any pause: what was read is
+answered, then the connection closes. Undecodable bytes get a
+``protocol_error`` notification after the answers to everything before them,
+then the connection closes; no other connection notices.
+
+Shutdown (``drain``) stops every connection from reading more; each finishes
+what it has read, answers, and closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as stdlib_socket
+import stat
+from typing import Any, Final
+
+import structlog
+import trio
+
+from clientlib.errors import BadRequest, ProtocolError, RemoteError
+from clientlib.protocol import (
+    NEED_DATA,
+    Decoder,
+    Invalid,
+    Request,
+    encode_notification,
+    encode_response,
+)
+from clientlib.textmode import (
+    LineBuffer,
+    format_error,
+    format_result,
+    is_text_start,
+    parse_line,
+)
+
+from .access import AccessPolicy, Peer, peer_credentials
+from .methods import Dispatcher
+from .metrics import Metrics
+
+__all__ = ["READ_CHUNK", "Server", "bind_unix_socket"]
+
+log = structlog.get_logger("wksd.server")
+
+#: Bytes read from a connection at a time. This is also the bound on work
+#: read ahead of the answers: at most one chunk of requests is decoded and
+#: waiting, however fast a client pipelines.
+READ_CHUNK: Final = 65536
+
+#: Answers are written when this many bytes have gathered, so a large
+#: pipelined batch streams out instead of being held to the end.
+FLUSH_BYTES: Final = 65536
+
+#: Pending connections the kernel queues for accept(); workers of one host
+#: reconnecting after a restart arrive in a burst.
+LISTEN_BACKLOG: Final = 1024
+
+
+class AddressInUse(OSError):
+    """Another daemon answers on the socket path."""
+
+
+def bind_unix_socket(path: str, mode: int) -> trio.socket.SocketType:
+    """Bind and listen on ``path``, with its directory made if missing.
+
+    An existing file is removed only if it is a socket nobody answers on
+    (a stale one from a crash); a live socket or any other file is an error.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        existing = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
+        probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: the daemon that bound it is gone
+        except BlockingIOError:  # alive, its accept queue full
+            raise AddressInUse(errno.EADDRINUSE, "another wksd is serving", path) from None
+        else:
+            raise AddressInUse(errno.EADDRINUSE, "another wksd is serving", path)
+        finally:
+            probe.close()
+    sock = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        # Bind under a umask that leaves no moment with looser permissions.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
+class _Connection:
+    """One client connection: its stream, its peer, and a way to stop reading."""
+
+    def __init__(self, stream: trio.SocketStream, peer: Peer | None, policy: AccessPolicy) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.allowed = peer is not None and policy.allows(peer)
+        self.admin = peer is not None and policy.is_admin(peer)
+        self.log = log.bind(
+            peer_pid=peer.pid if peer else None, peer_uid=peer.uid if peer else None
+        )
+        self._draining = False
+        self._read_scope: trio.CancelScope | None = None
+
+    async def receive(self) -> bytes:
+        """The next bytes, or b"" at end of input or once draining."""
+        if self._draining:
+            return b""
+        with trio.CancelScope() as self._read_scope:
+            return await self.stream.receive_some(READ_CHUNK)
+        return b""
+
+    def drain(self) -> None:
+        self._draining = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+
+class Server:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        policy: AccessPolicy,
+        metrics: Metrics,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._policy = policy
+        self._metrics = metrics
+        self._max_message_bytes = max_message_bytes
+        self._connections: set[_Connection] = set()
+        self._accepting: trio.CancelScope | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until ``drain``; then wait for them to finish."""
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as self._accepting:
+                await trio.serve_listeners(
+                    self._handle, listeners, handler_nursery=connections, task_status=task_status
+                )
+
+    async def drain(self) -> None:
+        """Stop accepting and reading; return once every connection closed."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for connection in list(self._connections):
+            connection.drain()
+        await self._idle.wait()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_credentials(stream.socket)
+        except OSError:
+            peer = None
+        connection = _Connection(stream, peer, self._policy)
+        self._connections.add(connection)
+        self._idle = trio.Event() if len(self._connections) == 1 else self._idle
+        self._metrics.connections.inc()
+        self._metrics.connections_total.inc()
+        if not connection.allowed:
+            connection.log.warning("peer not allowed", peer_gid=peer.gid if peer else None)
+        try:
+            first = await connection.receive()
+            if first and is_text_start(first[0]):
+                await self._serve_text(connection, first)
+            elif first:
+                await self._serve_binary(connection, first)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; nothing to answer to
+        finally:
+            self._connections.discard(connection)
+            self._metrics.connections.dec()
+            if not self._connections:
+                self._idle.set()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _call(
+        self, connection: _Connection, method: str, params: list[Any], lenient: bool = False
+    ) -> Any:
+        return await self._dispatcher.call(
+            method,
+            params,
+            peer=connection.peer,
+            allowed=connection.allowed,
+            admin=connection.admin,
+            lenient=lenient,
+        )
+
+    async def _serve_binary(self, connection: _Connection, data: bytes) -> None:
+        decoder = Decoder(self._max_message_bytes)
+        stream = connection.stream
+        while data:
+            decoder.receive_data(data)
+            out = bytearray()
+            while True:
+                try:
+                    event = decoder.next_event()
+                except ProtocolError as exc:
+                    self._metrics.protocol_errors.inc()
+                    connection.log.info("closing on protocol error", reason=str(exc))
+                    out += encode_notification("protocol_error", [str(exc)])
+                    await stream.send_all(out)
+                    return
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, Request):
+                    try:
+                        result = await self._call(connection, event.method, event.params)
+                    except RemoteError as exc:
+                        out += encode_response(event.msgid, exc.to_wire(), None)
+                    else:
+                        out += encode_response(event.msgid, None, result)
+                elif isinstance(event, Invalid):
+                    out += encode_response(event.msgid, BadRequest(event.reason).to_wire(), None)
+                else:  # a response or notification: clients send requests only
+                    error = BadRequest("clients send requests, [0, msgid, method, params]")
+                    out += encode_response(None, error.to_wire(), None)
+                if len(out) >= FLUSH_BYTES:
+                    await stream.send_all(out)
+                    out = bytearray()
+            if out:
+                await stream.send_all(out)
+            data = await connection.receive()
+
+    async def _serve_text(self, connection: _Connection, data: bytes) -> None:
+        lines = LineBuffer(self._max_message_bytes)
+        stream = connection.stream
+        while True:
+            lines.receive_data(data)
+            out = bytearray()
+            while True:
+                try:
+                    line = lines.next_line() if data else lines.rest()
+                except ProtocolError as exc:
+                    self._metrics.protocol_errors.inc()
+                    out += format_error(BadRequest(str(exc)))
+                    await stream.send_all(out)
+                    return
+                if line is None:
+                    break
+                out += await self._answer_line(connection, line)
+                if len(out) >= FLUSH_BYTES:
+                    await stream.send_all(out)
+                    out = bytearray()
+            if out:
+                await stream.send_all(out)
+            if not data:
+                return
+            data = await connection.receive()
+
+    async def _answer_line(self, connection: _Connection, line: bytes) -> bytes:
+        try:
+            parsed = parse_line(line)
+            if parsed is None:
+                return b""
+            method, params = parsed
+            result = await self._call(connection, method, params, lenient=True)
+        except RemoteError as exc:
+            return format_error(exc)
+        return format_result(method, result)

@@ -1,0 +1,132 @@
+"""The store interface the domain code is written against (STYLE habit 3).
+
+Two implementations hold the data: ``MemoryStore`` and the Redis store; a
+failover store in front picks one. The interface is the Redis subset wksd
+needs (strings with TTL, sets) plus the composite steps that must be atomic
+across every daemon sharing a Redis. Those are primitives here, a Lua script
+in Redis and a plain function in memory, so the domain never does a
+read-modify-write of its own:
+
+- ``lock_acquire`` / ``lock_release`` / ``lock_extend``: owner-checked, with
+  the fencing token;
+- ``swap_workflow``: compare-and-set of a workflow state together with its
+  membership in the active set and the finished index;
+- ``workflow_snapshot``: every active state (and recently finished ones) in one
+  round trip.
+
+Values are bytes (the domain stores JSON), TTLs integer milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from clientlib.errors import InternalError
+
+from ..keys import KeySpace
+
+__all__ = [
+    "LockOutcome",
+    "Store",
+    "WorkflowSnapshot",
+    "WorkflowSwap",
+    "WrongType",
+]
+
+# Outcomes of lock_release and lock_extend, as the wire names them.
+RELEASED = "released"
+EXTENDED = "extended"
+NOT_FOUND = "not_found"
+NOT_OWNER = "not_owner"
+
+
+class WrongType(InternalError):
+    """A key holds a different kind of value than the operation expects."""
+
+
+@dataclass(frozen=True, slots=True)
+class LockOutcome:
+    """The result of ``lock_acquire``.
+
+    ``holder`` is whoever holds the lock afterwards; ``token`` the fencing
+    token when acquired; ``ttl_ms`` the time left on the holder's lock.
+    """
+
+    acquired: bool
+    holder: str | None
+    token: int | None
+    ttl_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSwap:
+    """One atomic change of a workflow's state and its index entries.
+
+    Applied only if the state key still holds ``expected`` (None: absent).
+    Then the state becomes ``new`` for ``ttl_ms`` (None: left as it is), and
+    the id joins the active set (``active``) or leaves it; a finished one is
+    recorded in the finished index at ``finished_at`` (ms), and index entries
+    older than ``retain_since`` (ms) are pruned.
+    """
+
+    execution_id: str
+    expected: bytes | None
+    new: bytes | None
+    ttl_ms: int | None
+    active: bool
+    finished_at: int | None = None
+    retain_since: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowSnapshot:
+    """States read in one go: each active id with its state (None if gone),
+    and the states of executions finished since the requested time."""
+
+    active: list[tuple[str, bytes | None]]
+    finished: list[bytes]
+
+
+class Store(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None: ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove a key; True when it existed."""
+        ...
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        """Reset a key's TTL; True when it existed."""
+        ...
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
+        """The value and the ms it has left (None: no TTL, or no key)."""
+        ...
+
+    async def members(self, key: str) -> list[str]:
+        """The members of a set, sorted."""
+        ...
+
+    async def lock_acquire(
+        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
+    ) -> LockOutcome: ...
+
+    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+        """``released``, ``not_found`` or ``not_owner``."""
+        ...
+
+    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+        """``extended``, ``not_found`` or ``not_owner``."""
+        ...
+
+    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+        """Apply ``swap`` if the state is still as expected; False if not."""
+        ...
+
+    async def workflow_snapshot(
+        self, keys: KeySpace, finished_since: int | None
+    ) -> WorkflowSnapshot:
+        """Active states, plus finished ones since ``finished_since`` (ms) if given."""
+        ...

@@ -1,0 +1,350 @@
+"""The in-memory store: the Redis subset wksd needs, with Redis's expiry rules.
+
+Theory of operation
+-------------------
+Values live in one dict: bytes for strings and counters, a set for sets, a
+dict of member -> score for the one sorted set (the finished index). TTLs are
+absolute deadlines in ms, from the injected clock.
+
+Expiry is lazy and swept. Every read checks the deadline, so an expired key is
+invisible at once. The sweeper frees the memory of keys nobody reads: a heap
+of (deadline, key) is popped while its top is due, a slice at a time, with a
+checkpoint between slices, so a million keys expiring together never hold the
+event loop. Each key has at most one live heap entry (``_scheduled``): a
+later deadline is not pushed, the old entry is re-pushed when it comes due,
+so a key touched a thousand times a second does not grow the heap.
+
+The store is bounded (``max_keys``). A write that needs a new key when the
+store is full first frees expired keys, then evicts the oldest API-cache
+entry (``evictable``), and only then fails with ``Full``. Composite steps
+reserve room for every key they will create before changing anything, so a
+``Full`` never leaves half a change behind.
+
+Nothing here awaits: each operation is atomic with respect to other tasks,
+which is exactly what the composite primitives need.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, MutableSet
+from typing import Final
+
+import trio
+
+from clientlib.errors import Full
+
+from ..clock import Clock, SystemClock
+from ..keys import KeySpace
+from .base import (
+    EXTENDED,
+    NOT_FOUND,
+    NOT_OWNER,
+    RELEASED,
+    LockOutcome,
+    WorkflowSnapshot,
+    WorkflowSwap,
+    WrongType,
+)
+
+__all__ = ["SWEEP_SLICE", "MemoryStore"]
+
+#: Keys examined per sweeper slice before yielding to the event loop: about
+#: a millisecond of work, so requests wait at most that long behind a sweep.
+SWEEP_SLICE: Final = 1000
+
+Value = bytes | MutableSet[str] | dict[str, int]
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        max_keys: int = 1_000_000,
+        evictable: Callable[[str], bool] = lambda key: False,
+    ) -> None:
+        self._clock = clock or SystemClock()
+        self.max_keys = max_keys
+        self._is_evictable = evictable
+        self._data: dict[str, Value] = {}
+        self._deadlines: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+        self._scheduled: dict[str, int] = {}
+        self._evictable: OrderedDict[str, None] = OrderedDict()
+        #: Keys removed because their TTL ran out (lazily or by the sweeper).
+        self.expired = 0
+        #: API-cache entries dropped to make room.
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        """Keys held, counting expired ones the sweeper has not freed yet."""
+        return len(self._data)
+
+    @property
+    def full(self) -> bool:
+        return len(self._data) >= self.max_keys
+
+    # -- the Store interface ---------------------------------------------
+    async def get(self, key: str) -> bytes | None:
+        return self._string(key, self._now())
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        now = self._now()
+        self._reserve((key,), now)
+        self._put(key, value, ttl_ms, now)
+
+    async def delete(self, key: str) -> bool:
+        existed = self._alive(key, self._now()) is not None
+        self._remove(key)
+        return existed
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        now = self._now()
+        if self._alive(key, now) is None:
+            return False
+        self._set_deadline(key, now + ttl_ms)
+        return True
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
+        now = self._now()
+        value = self._string(key, now)
+        if value is None:
+            return None, None
+        deadline = self._deadlines.get(key)
+        return value, None if deadline is None else deadline - now
+
+    async def members(self, key: str) -> list[str]:
+        return sorted(self._set(key, self._now()))
+
+    async def lock_acquire(
+        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
+    ) -> LockOutcome:
+        now = self._now()
+        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        holder = self._string(lock_key, now)
+        if holder is not None and holder != owner.encode():
+            deadline = self._deadlines.get(lock_key)
+            return LockOutcome(
+                False,
+                holder.decode(errors="replace"),
+                None,
+                None if deadline is None else deadline - now,
+            )
+        token_raw = self._string(token_key, now) if holder is not None else None
+        self._reserve((lock_key, token_key, keys.fencing), now)
+        if token_raw is None:
+            token = self._incr(keys.fencing, now)
+            self._put(token_key, str(token).encode(), ttl_ms, now)
+        else:
+            token = int(token_raw)
+            self._set_deadline(token_key, now + ttl_ms)
+        self._put(lock_key, owner.encode(), ttl_ms, now)
+        return LockOutcome(True, owner, token, ttl_ms)
+
+    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+        lock_key = keys.lock(execution_id)
+        status = self._owner_check(lock_key, owner, self._now())
+        if status is None:
+            self._remove(lock_key)
+            self._remove(keys.lock_token(execution_id))
+            return RELEASED
+        return status
+
+    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+        now = self._now()
+        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        status = self._owner_check(lock_key, owner, now)
+        if status is None:
+            self._set_deadline(lock_key, now + ttl_ms)
+            if token_key in self._data:
+                self._set_deadline(token_key, now + ttl_ms)
+            return EXTENDED
+        return status
+
+    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+        now = self._now()
+        state_key = keys.workflow(swap.execution_id)
+        if self._string(state_key, now) != swap.expected:
+            return False
+        creates = [state_key] if swap.new is not None else []
+        if swap.active:
+            creates.append(keys.active)
+        elif swap.finished_at is not None:
+            creates.append(keys.finished)
+        self._reserve(creates, now)
+        if swap.new is not None:
+            self._put(state_key, swap.new, swap.ttl_ms, now)
+        if swap.active:
+            self._set_for_write(keys.active, now).add(swap.execution_id)
+            self._zset(keys.finished, now).pop(swap.execution_id, None)
+        else:
+            self._set(keys.active, now).discard(swap.execution_id)
+            if swap.finished_at is not None:
+                index = self._zset_for_write(keys.finished, now)
+                index[swap.execution_id] = swap.finished_at
+                for member in [m for m, at in index.items() if at < swap.retain_since]:
+                    del index[member]
+        self._drop_if_empty((keys.active, keys.finished))
+        return True
+
+    async def workflow_snapshot(
+        self, keys: KeySpace, finished_since: int | None
+    ) -> WorkflowSnapshot:
+        now = self._now()
+        active = [
+            (execution_id, self._string(keys.workflow(execution_id), now))
+            for execution_id in sorted(self._set(keys.active, now))
+        ]
+        finished = []
+        if finished_since is not None:
+            for execution_id, at in list(self._zset(keys.finished, now).items()):
+                if at >= finished_since:
+                    state = self._string(keys.workflow(execution_id), now)
+                    if state is not None:
+                        finished.append(state)
+        return WorkflowSnapshot(active, finished)
+
+    # -- sweeping -----------------------------------------------------------
+    def sweep_some(self, limit: int) -> tuple[int, bool]:
+        """Free up to ``limit`` due heap entries: (keys freed, more are due)."""
+        now = self._now()
+        heap = self._heap
+        freed = 0
+        while heap and heap[0][0] <= now:
+            if limit <= 0:
+                return freed, True
+            limit -= 1
+            deadline, key = heapq.heappop(heap)
+            if self._scheduled.get(key) != deadline:
+                continue  # superseded by an earlier entry for the same key
+            del self._scheduled[key]
+            actual = self._deadlines.get(key)
+            if actual is None:
+                continue  # deleted, or no longer has a TTL
+            if actual <= now:
+                self._remove(key)
+                self.expired += 1
+                freed += 1
+            else:
+                heapq.heappush(heap, (actual, key))
+                self._scheduled[key] = actual
+        return freed, False
+
+    async def sweep(self, slice_size: int = SWEEP_SLICE) -> int:
+        """Free every expired key, a slice at a time; the number freed."""
+        total = 0
+        while True:
+            freed, more = self.sweep_some(slice_size)
+            total += freed
+            if not more:
+                return total
+            await trio.lowlevel.checkpoint()
+
+    # -- internals -------------------------------------------------------
+    def _now(self) -> int:
+        return int(self._clock.time() * 1000)
+
+    def _alive(self, key: str, now: int) -> Value | None:
+        value = self._data.get(key)
+        if value is not None:
+            deadline = self._deadlines.get(key)
+            if deadline is not None and deadline <= now:
+                self._remove(key)
+                self.expired += 1
+                return None
+        return value
+
+    def _string(self, key: str, now: int) -> bytes | None:
+        value = self._alive(key, now)
+        if value is not None and not isinstance(value, bytes):
+            raise WrongType(f"{key} does not hold a string")
+        return value
+
+    def _set(self, key: str, now: int) -> MutableSet[str]:
+        value = self._alive(key, now)
+        if value is None:
+            return set()
+        if not isinstance(value, MutableSet):
+            raise WrongType(f"{key} does not hold a set")
+        return value
+
+    def _set_for_write(self, key: str, now: int) -> MutableSet[str]:
+        value = self._set(key, now)
+        if key not in self._data:
+            value = self._data[key] = set()
+        return value
+
+    def _zset(self, key: str, now: int) -> dict[str, int]:
+        value = self._alive(key, now)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise WrongType(f"{key} does not hold a sorted set")
+        return value
+
+    def _zset_for_write(self, key: str, now: int) -> dict[str, int]:
+        value = self._zset(key, now)
+        if key not in self._data:
+            self._data[key] = value
+        return value
+
+    def _drop_if_empty(self, keys: Iterable[str]) -> None:
+        # Redis removes a set or sorted set when its last member goes.
+        for key in keys:
+            if key in self._data and not self._data[key]:
+                self._remove(key)
+
+    def _incr(self, key: str, now: int) -> int:
+        value = int(self._string(key, now) or b"0") + 1
+        self._put(key, str(value).encode(), None, now)
+        return value
+
+    def _owner_check(self, lock_key: str, owner: str, now: int) -> str | None:
+        holder = self._string(lock_key, now)
+        if holder is None:
+            return NOT_FOUND
+        if holder != owner.encode():
+            return NOT_OWNER
+        return None
+
+    def _put(self, key: str, value: Value, ttl_ms: int | None, now: int) -> None:
+        self._data[key] = value
+        if ttl_ms is None:
+            self._deadlines.pop(key, None)
+        else:
+            self._set_deadline(key, now + ttl_ms)
+        if self._is_evictable(key):
+            self._evictable[key] = None
+            self._evictable.move_to_end(key)
+
+    def _set_deadline(self, key: str, deadline: int) -> None:
+        self._deadlines[key] = deadline
+        scheduled = self._scheduled.get(key)
+        if scheduled is None or deadline < scheduled:
+            heapq.heappush(self._heap, (deadline, key))
+            self._scheduled[key] = deadline
+
+    def _remove(self, key: str) -> None:
+        # The heap entry stays; the sweeper skips it when it comes due.
+        self._data.pop(key, None)
+        self._deadlines.pop(key, None)
+        self._evictable.pop(key, None)
+
+    def _reserve(self, keys: Iterable[str], now: int) -> None:
+        """Make room for every key of ``keys`` not yet present, or raise Full."""
+        missing = {key for key in keys if self._alive(key, now) is None}
+        needed = len(self._data) + len(missing) - self.max_keys
+        if needed <= 0:
+            return
+        self.sweep_some(needed * 4)  # expired keys go first
+        needed = len(self._data) + len(missing) - self.max_keys
+        while needed > 0 and self._evictable:
+            # Present keys only: nothing this write needs can be a victim.
+            victim = next(iter(self._evictable))
+            self._remove(victim)
+            self.evicted += 1
+            needed -= 1
+        if needed > 0:
+            raise Full(f"the memory store holds its maximum of {self.max_keys} keys")
