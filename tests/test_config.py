@@ -1,0 +1,127 @@
+"""Configuration from environment and flags (wksd.config, wksd.cli)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from wksd.config import SETTINGS, Config, ConfigError, load_config
+
+
+def test_defaults_are_the_embedded_memory_setup() -> None:
+    """With nothing set: development, Redis off, DESIGN section 6's defaults."""
+    config = load_config([], {})
+    assert config.env == "development" and config.redis_enabled is False
+    assert config.socket == "/run/wksd/wksd.sock"
+    assert config.socket_mode == 0o660
+    assert config.redis_timeout == 1.0 and config.sweep_interval == 60
+    assert config.memory_max_keys == 1_000_000 and config.max_message_bytes == 2_097_152
+    assert config.workflow_stale_after == 3600 and config.cleanup_interval == 300
+    assert config.metrics_addr is None and config.log_format == "json"
+    assert config.key_prefix == "wks:"
+
+
+def test_production_turns_redis_on_unless_told_otherwise() -> None:
+    """WKSD_ENV=production enables Redis by default; REDIS_ENABLED still decides."""
+    assert load_config([], {"WKSD_ENV": "production"}).redis_enabled is True
+    assert load_config([], {"WKSD_ENV": "production", "REDIS_ENABLED": "0"}).redis_enabled is False
+
+
+def test_socket_default_follows_the_runtime_directories() -> None:
+    """$RUNTIME_DIRECTORY wins over $XDG_RUNTIME_DIR, which wins over /run/wksd."""
+    both = {"RUNTIME_DIRECTORY": "/run/wksd-x", "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert load_config([], both).socket == "/run/wksd-x/wksd.sock"
+    xdg = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert load_config([], xdg).socket == "/run/user/1000/wksd/wksd.sock"
+
+
+def test_flags_win_over_environment() -> None:
+    """A flag overrides its variable."""
+    config = load_config(
+        ["--socket", "/tmp/a.sock", "--memory-max-keys", "5"],
+        {"WKSD_SOCKET": "/tmp/b.sock", "WKSD_MEMORY_MAX_KEYS": "9"},
+    )
+    assert config.socket == "/tmp/a.sock" and config.memory_max_keys == 5
+
+
+def test_lists_and_addresses_parse() -> None:
+    """uid lists take commas or spaces; the metrics address is HOST:PORT."""
+    config = load_config(
+        [], {"WKSD_ALLOWED_UIDS": "1000, 1001 0", "WKSD_METRICS_ADDR": "127.0.0.1:9464"}
+    )
+    assert config.allowed_uids == frozenset({0, 1000, 1001})
+    assert config.metrics_addr == ("127.0.0.1", 9464)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WKSD_SOCKET_MODE", "rw-rw----"),
+        ("WKSD_SOCKET_MODE", "1777"),
+        ("WKSD_REDIS_TIMEOUT", "0"),
+        ("WKSD_REDIS_TIMEOUT", "nan"),
+        ("WKSD_MEMORY_MAX_KEYS", "0"),
+        ("WKSD_MEMORY_MAX_KEYS", "many"),
+        ("WKSD_MAX_MESSAGE_BYTES", "100"),
+        ("WKSD_CLEANUP_INTERVAL", "-5"),
+        ("WKSD_ALLOWED_UIDS", "root"),
+        ("WKSD_LOG_LEVEL", "loud"),
+        ("WKSD_ENV", "staging"),
+        ("REDIS_ENABLED", "maybe"),
+        ("REDIS_PORT", "70000"),
+        ("WKSD_METRICS_ADDR", "9464"),
+        ("WKSD_SOCKET", "/tmp/" + "x" * 120),
+        ("REDIS_PASSWORD_FILE", "/nonexistent/password"),
+    ],
+)
+def test_invalid_values_name_their_variable(variable: str, value: str) -> None:
+    """Each bad value raises ConfigError naming the variable."""
+    with pytest.raises(ConfigError) as caught:
+        load_config([], {variable: value})
+    assert caught.value.variable == variable
+
+
+def test_invalid_flag_names_flag_and_variable() -> None:
+    """A bad flag value names both the flag and its variable."""
+    with pytest.raises(ConfigError, match=r"--socket-mode \(WKSD_SOCKET_MODE\)"):
+        load_config(["--socket-mode", "999"], {})
+
+
+def test_every_setting_has_a_config_field() -> None:
+    """The settings table and the Config dataclass list the same names."""
+    assert {s.attribute for s in SETTINGS} <= set(Config.__dataclass_fields__)
+
+
+def test_daemon_exits_78_with_one_line_naming_the_variable() -> None:
+    """`wksd` with an invalid value prints one line and exits 78 (EX_CONFIG)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "wksd"],
+        env={"WKSD_SWEEP_INTERVAL": "soon", "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 78
+    assert done.stderr.count("\n") == 1 and "WKSD_SWEEP_INTERVAL" in done.stderr
+    assert done.stdout == ""
+
+
+def test_help_lists_every_flag_with_its_variable() -> None:
+    """`wksd --help` shows each flag and the variable it stands for."""
+    done = subprocess.run(
+        [sys.executable, "-m", "wksd", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0
+    for setting in SETTINGS:
+        assert setting.flag in done.stdout and setting.variable in done.stdout
+
+
+def test_readme_documents_every_setting() -> None:
+    """Each variable and flag appears in the README's configuration table."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for setting in SETTINGS:
+        assert f"`{setting.variable}`" in readme, setting.variable

@@ -1,0 +1,99 @@
+"""The real binary's life: signals, draining, exit status (wksd.cli)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from clientlib import Client
+from clientlib.protocol import NEED_DATA, Decoder, Response, encode_request
+
+from .processes import DaemonProcess
+
+
+def read_all_responses(sock: socket.socket) -> list[Response]:
+    decoder = Decoder()
+    answers = []
+    while data := sock.recv(65536):
+        decoder.receive_data(data)
+        while (event := decoder.next_event()) is not NEED_DATA:
+            answers.append(event)
+    return answers
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_in_flight_requests_and_exits_0(sock_path: str, sig: int) -> None:
+    """On SIGTERM or SIGINT every request already sent is answered, then exit 0."""
+    daemon = DaemonProcess(sock_path, {"WKSD_LOG_LEVEL": "info"}).start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(sock_path)
+            sock.sendall(
+                b"".join(
+                    encode_request(i, "session.set", [f"u{i}", {"i": i}, 60]) for i in range(2000)
+                )
+            )
+            daemon.process.send_signal(sig)  # type: ignore[union-attr]
+            answers = read_all_responses(sock)
+        assert daemon.wait() == 0
+        logs = [json.loads(line) for line in daemon.output.splitlines()]
+    finally:
+        daemon.close()
+    # Whatever the daemon had read before the signal was answered, in order, OK;
+    # and it read at least the first batch.
+    assert answers and [a.msgid for a in answers] == list(range(len(answers)))
+    assert all(a.error is None for a in answers)
+    assert not os.path.exists(sock_path)
+    # One JSON object a line; the life story is there, no user id or value is.
+    assert [entry["event"] for entry in logs][-3:] == ["signal received", "stopping", "stopped"]
+    assert logs[0]["event"] == "serving"
+    assert all("u1" not in json.dumps(entry) for entry in logs)
+
+
+def test_idle_connections_do_not_hold_up_the_exit(sock_path: str) -> None:
+    """Clients that are connected but silent are closed at once on SIGTERM."""
+    daemon = DaemonProcess(sock_path).start()
+    try:
+        clients = [Client(sock_path) for _ in range(5)]
+        for client in clients:
+            client.ping()
+        assert daemon.stop(timeout=5) == 0
+        for client in clients:
+            client.close()
+    finally:
+        daemon.close()
+
+
+def test_second_daemon_on_a_live_socket_exits_with_an_error(
+    daemon_process: DaemonProcess,
+) -> None:
+    """Starting a second daemon on a served path fails (exit 69) and leaves the first alone."""
+    second = subprocess.run(
+        [sys.executable, "-m", "wksd", "--socket", daemon_process.path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 69
+    assert "another wksd is serving" in second.stdout
+    with Client(daemon_process.path) as c:
+        assert c.ping() == "PONG"
+
+
+def test_socket_directory_is_created() -> None:
+    """The daemon makes the socket's directory when it does not exist yet."""
+    with tempfile.TemporaryDirectory(prefix="wksd-", dir="/tmp") as base:
+        path = os.path.join(base, "run", "wksd", "wksd.sock")
+        daemon = DaemonProcess(path).start()
+        try:
+            with Client(path) as c:
+                assert c.ping() == "PONG"
+        finally:
+            daemon.close()
