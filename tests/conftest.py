@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import trio
 
 from wksd.clock import ManualClock
 from wksd.keys import KeySpace
+from wksd.metrics import Metrics
 from wksd.store.base import Store
+from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
+from wksd.store.redis import RedisStore
+from wksd.store.redis_target import RedisTarget, open_link
 
 from .processes import DaemonProcess
+from .redis_server import RedisServer
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "fakeredis", "redis"]
 
 
 @pytest.fixture
@@ -32,10 +39,56 @@ def keys() -> KeySpace:
     return KeySpace("wks:")
 
 
+@pytest.fixture(scope="session")
+def fakeredis_target() -> Iterator[RedisTarget]:
+    """fakeredis (with Lua) served over TCP, so the real Redis link talks to it."""
+    from fakeredis import TcpFakeServer
+
+    server = TcpFakeServer(("127.0.0.1", 0), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address
+    yield RedisTarget(host=str(host), port=int(port))
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private redis-server for the domain tests, flushed before each."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-shared")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, clock: ManualClock) -> AsyncIterator[Store]:
+async def store(
+    request: pytest.FixtureRequest, clock: ManualClock, nursery: trio.Nursery
+) -> AsyncIterator[Store]:
+    """The store under test: memory; RedisStore on fakeredis; the failover on redis-server."""
     if request.param == "memory":
         yield MemoryStore(clock=clock)
+    elif request.param == "fakeredis":
+        link = await open_link(request.getfixturevalue("fakeredis_target"), 5.0, nursery)
+        await link.execute("FLUSHALL")
+        redis = RedisStore(link)
+        await redis.load_scripts()
+        yield redis
+    else:
+        server: RedisServer = request.getfixturevalue("shared_redis")
+        with server.client() as direct:
+            direct.flushall()
+        failover = FailoverStore(
+            MemoryStore(clock=clock),
+            RedisTarget(port=server.port),
+            KeySpace("wks:"),
+            Metrics(),
+            timeout=5.0,
+        )
+        await nursery.start(failover.run)
+        await failover.wait_for_backend("redis")
+        yield failover
 
 
 class Domain:

@@ -41,7 +41,9 @@ from .methods import (
 from .metrics import Metrics
 from .server import Server, bind_unix_socket
 from .store.base import Store
+from .store.failover import FailoverStore
 from .store.memory import MemoryStore
+from .store.redis_target import RedisTarget
 
 __all__ = ["Daemon"]
 
@@ -59,7 +61,9 @@ class Daemon:
         *,
         clock: Clock | None = None,
         listen_socket: trio.socket.SocketType | None = None,
+        redis: RedisTarget | None = None,
     ) -> None:
+        """Build the daemon; ``ConfigError`` if the Redis settings are unusable."""
         self.config = config
         self.clock = clock or SystemClock()
         self.keys = keys = KeySpace(config.key_prefix)
@@ -70,8 +74,23 @@ class Daemon:
             evictable=lambda key: key.startswith(keys.cache_prefix),
         )
         self.metrics.observe_memory(self.memory)
-        self.store: Store = self.memory
         self.metrics.set_backend("memory")
+        if redis is None and config.redis_enabled:
+            redis = RedisTarget.from_config(config)
+        self.failover = (
+            None
+            if redis is None
+            else FailoverStore(
+                self.memory,
+                redis,
+                keys,
+                self.metrics,
+                timeout=config.redis_timeout,
+                backoff_max=config.redis_retry_max,
+                locks_fail_closed=config.locks_fail_closed,
+            )
+        )
+        self.store: Store = self.memory if self.failover is None else self.failover
         self.sessions = Documents(self.store, keys.session, "session data")
         self.cache = Documents(self.store, keys.cache, "cache value")
         self.workflows = Workflows(
@@ -97,14 +116,32 @@ class Daemon:
     async def ping(self) -> str:
         return "PONG"
 
+    @property
+    def backend(self) -> str:
+        return "memory" if self.failover is None else self.failover.backend
+
     async def health(self) -> dict[str, Any]:
-        memory_status = "full" if self.memory.full else "up"
+        """healthy: serving as configured; degraded: Redis enabled but memory
+        serving; unhealthy: memory serving and full, so writes fail."""
+        redis_status, latency = "disabled", None
+        if self.failover is not None:
+            redis_status, latency = await self.failover.ping()
+        backend = self.backend
+        if backend == "memory" and self.memory.full:
+            status = "unhealthy"
+        elif self.failover is not None and backend == "memory":
+            status = "degraded"
+        else:
+            status = "healthy"
         return {
-            "status": "unhealthy" if self.memory.full else "healthy",
-            "backend": "memory",
+            "status": status,
+            "backend": backend,
             "checks": {
-                "redis": {"status": "disabled", "latency": None},
-                "memory": {"status": memory_status, "keys": len(self.memory)},
+                "redis": {"status": redis_status, "latency": latency},
+                "memory": {
+                    "status": "full" if self.memory.full else "up",
+                    "keys": len(self.memory),
+                },
             },
             "uptime": round(time.monotonic() - self._started, 3),
             "version": __version__,
@@ -213,10 +250,17 @@ class Daemon:
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sweep_forever)
+                if self.failover is not None:
+                    await nursery.start(self.failover.run)
                 if config.cleanup_interval:
                     nursery.start_soon(self._cleanup_forever)
                 await nursery.start(server.serve, [trio.SocketListener(sock)])
-                log.info("serving", socket=config.socket, backend="memory", version=__version__)
+                log.info(
+                    "serving",
+                    socket=config.socket,
+                    version=__version__,
+                    redis="disabled" if self.failover is None else "enabled",
+                )
                 task_status.started(self)
                 await self._stop.wait()
                 log.info("stopping", connections=server.connection_count)

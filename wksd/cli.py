@@ -10,7 +10,7 @@ import structlog
 import trio
 
 from .app import Daemon
-from .config import EX_CONFIG, Config, ConfigError, load_config
+from .config import EX_CONFIG, ConfigError, load_config
 from .logs import configure_logging
 
 __all__ = ["main"]
@@ -24,22 +24,22 @@ EX_UNAVAILABLE = 69
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(argv)
+        daemon = Daemon(config)
     except ConfigError as exc:
         print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log_level, config.log_format)
     try:
-        trio.run(_serve, config)
+        trio.run(_serve, daemon)
     except OSError as exc:
         log.error("cannot serve", socket=config.socket, error=str(exc))
         return EX_UNAVAILABLE
     return 0
 
 
-async def _serve(config: Config) -> None:
+async def _serve(daemon: Daemon) -> None:
     """Run the daemon; the first SIGTERM/SIGINT drains it, a second one cuts it short."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        daemon = Daemon(config)
         daemon.listen()  # before any nursery, so a bind error is a plain OSError
         async with trio.open_nursery() as nursery:
 

@@ -301,6 +301,7 @@ class Config:
     allowed_gids: frozenset[int] | None = None
     admin_uids: frozenset[int] | None = None
     redis_timeout: float = 1.0
+    redis_retry_max: float = 5.0
     sweep_interval: float = 60.0
     memory_max_keys: int = 1_000_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES

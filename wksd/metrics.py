@@ -64,7 +64,8 @@ class _MemoryCollector(Collector):
         )
         yield CounterMetricFamily(
             "wksd_memory_evictions",
-            "API-cache entries evicted to make room in a full memory store.",
+            "Keys evicted to make room in a full memory store: API-cache entries, "
+            "then copies of what Redis holds.",
             value=self._store.evicted,
         )
 

@@ -16,9 +16,16 @@ so a key touched a thousand times a second does not grow the heap.
 
 The store is bounded (``max_keys``). A write that needs a new key when the
 store is full first frees expired keys, then evicts the oldest API-cache
-entry (``evictable``), and only then fails with ``Full``. Composite steps
-reserve room for every key they will create before changing anything, so a
-``Full`` never leaves half a change behind.
+entry (``evictable``), then the oldest *clean* key, and only then fails with
+``Full``. Composite steps reserve room for every key they will create before
+changing anything, so a ``Full`` never leaves half a change behind.
+
+Clean keys exist when Redis is the backend: the failover store mirrors each
+write it makes to Redis here (the ``mirror_*`` methods), so that if Redis goes
+away, this host's sessions, workflows and locks are still known. A mirror is
+a copy of what Redis holds, so it may be dropped; a write made here during an
+outage is the only copy until it is written back, so it may not. Mirrors
+never fail with ``Full``: when there is no room, the copy is skipped.
 
 Nothing here awaits: each operation is atomic with respect to other tasks,
 which is exactly what the composite primitives need.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableSet
+from itertools import islice
 from typing import Final
 
 import trio
@@ -72,7 +80,9 @@ class MemoryStore:
         self._deadlines: dict[str, int] = {}
         self._heap: list[tuple[int, str]] = []
         self._scheduled: dict[str, int] = {}
-        self._evictable: OrderedDict[str, None] = OrderedDict()
+        # Eviction order, oldest first: API-cache entries, then clean copies.
+        self._cache_keys: OrderedDict[str, None] = OrderedDict()
+        self._clean_keys: OrderedDict[str, None] = OrderedDict()
         #: Keys removed because their TTL ran out (lazily or by the sweeper).
         self.expired = 0
         #: API-cache entries dropped to make room.
@@ -84,7 +94,8 @@ class MemoryStore:
 
     @property
     def full(self) -> bool:
-        return len(self._data) >= self.max_keys
+        """No room for a new key that must be kept: writes would fail FULL."""
+        return len(self._data) >= self.max_keys and not self._cache_keys and not self._clean_keys
 
     # -- the Store interface ---------------------------------------------
     async def get(self, key: str) -> bytes | None:
@@ -165,9 +176,13 @@ class MemoryStore:
 
     async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
         now = self._now()
-        state_key = keys.workflow(swap.execution_id)
-        if self._string(state_key, now) != swap.expected:
+        if self._string(keys.workflow(swap.execution_id), now) != swap.expected:
             return False
+        self._apply_swap(keys, swap, now, clean=False)
+        return True
+
+    def _apply_swap(self, keys: KeySpace, swap: WorkflowSwap, now: int, clean: bool) -> None:
+        state_key = keys.workflow(swap.execution_id)
         creates = [state_key] if swap.new is not None else []
         if swap.active:
             creates.append(keys.active)
@@ -175,7 +190,7 @@ class MemoryStore:
             creates.append(keys.finished)
         self._reserve(creates, now)
         if swap.new is not None:
-            self._put(state_key, swap.new, swap.ttl_ms, now)
+            self._put(state_key, swap.new, swap.ttl_ms, now, clean)
         if swap.active:
             self._set_for_write(keys.active, now).add(swap.execution_id)
             self._zset(keys.finished, now).pop(swap.execution_id, None)
@@ -187,7 +202,6 @@ class MemoryStore:
                 for member in [m for m, at in index.items() if at < swap.retain_since]:
                     del index[member]
         self._drop_if_empty((keys.active, keys.finished))
-        return True
 
     async def workflow_snapshot(
         self, keys: KeySpace, finished_since: int | None
@@ -205,6 +219,68 @@ class MemoryStore:
                     if state is not None:
                         finished.append(state)
         return WorkflowSnapshot(active, finished)
+
+    # -- copies of what Redis holds (see the module docstring) ---------------
+    def mirror_set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        now = self._now()
+        if self._room_for((key,), now):
+            self._put(key, value, ttl_ms, now, clean=True)
+
+    def mirror_delete(self, *keys: str) -> None:
+        for key in keys:
+            self._remove(key)
+
+    def mirror_expire(self, key: str, ttl_ms: int) -> None:
+        now = self._now()
+        if self._alive(key, now) is not None:
+            self._set_deadline(key, now + ttl_ms)
+
+    def mirror_lock(
+        self,
+        keys: KeySpace,
+        execution_id: str,
+        holder: str,
+        token: int | None,
+        ttl_ms: int | None,
+    ) -> None:
+        """Copy a lock Redis gave: its holder, its token, and the fencing counter."""
+        now = self._now()
+        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        if not self._room_for((lock_key, token_key, keys.fencing), now):
+            return
+        self._put(lock_key, holder.encode(), ttl_ms, now, clean=True)
+        if token is not None:
+            self._put(token_key, str(token).encode(), ttl_ms, now, clean=True)
+            if token > int(self._string(keys.fencing, now) or b"0"):
+                # Never a clean copy: evicting the counter would let tokens
+                # issued during an outage start again from 1.
+                self._put(keys.fencing, str(token).encode(), None, now)
+
+    def mirror_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> None:
+        """Copy a workflow change Redis accepted (whatever this copy held before)."""
+        now = self._now()
+        try:
+            self._apply_swap(keys, swap, now, clean=True)
+        except Full:
+            self._remove(keys.workflow(swap.execution_id))  # better none than a stale one
+
+    def mark_clean(self, *keys: str) -> None:
+        """These keys are in Redis now; they may be evicted like any copy."""
+        for key in keys:
+            if key in self._data and key not in self._cache_keys and not self._is_set(key):
+                self._clean_keys[key] = None
+                self._clean_keys.move_to_end(key)
+
+    def _room_for(self, keys: Iterable[str], now: int) -> bool:
+        try:
+            self._reserve(keys, now)
+        except Full:
+            return False
+        return True
+
+    def _is_set(self, key: str) -> bool:
+        # The active set and finished index hold every id; never evicted.
+        return not isinstance(self._data.get(key), bytes)
 
     # -- sweeping -----------------------------------------------------------
     def sweep_some(self, limit: int) -> tuple[int, bool]:
@@ -309,15 +385,23 @@ class MemoryStore:
             return NOT_OWNER
         return None
 
-    def _put(self, key: str, value: Value, ttl_ms: int | None, now: int) -> None:
+    def _put(
+        self, key: str, value: Value, ttl_ms: int | None, now: int, clean: bool = False
+    ) -> None:
         self._data[key] = value
         if ttl_ms is None:
             self._deadlines.pop(key, None)
         else:
             self._set_deadline(key, now + ttl_ms)
         if self._is_evictable(key):
-            self._evictable[key] = None
-            self._evictable.move_to_end(key)
+            tier = self._cache_keys
+        elif clean:
+            tier = self._clean_keys
+        else:
+            self._clean_keys.pop(key, None)  # the only copy now: keep it
+            return
+        tier[key] = None
+        tier.move_to_end(key)
 
     def _set_deadline(self, key: str, deadline: int) -> None:
         self._deadlines[key] = deadline
@@ -330,21 +414,24 @@ class MemoryStore:
         # The heap entry stays; the sweeper skips it when it comes due.
         self._data.pop(key, None)
         self._deadlines.pop(key, None)
-        self._evictable.pop(key, None)
+        self._cache_keys.pop(key, None)
+        self._clean_keys.pop(key, None)
 
     def _reserve(self, keys: Iterable[str], now: int) -> None:
         """Make room for every key of ``keys`` not yet present, or raise Full."""
-        missing = {key for key in keys if self._alive(key, now) is None}
+        wanted = set(keys)
+        missing = {key for key in wanted if self._alive(key, now) is None}
         needed = len(self._data) + len(missing) - self.max_keys
         if needed <= 0:
             return
         self.sweep_some(needed * 4)  # expired keys go first
         needed = len(self._data) + len(missing) - self.max_keys
-        while needed > 0 and self._evictable:
-            # Present keys only: nothing this write needs can be a victim.
-            victim = next(iter(self._evictable))
-            self._remove(victim)
-            self.evicted += 1
-            needed -= 1
+        for tier in (self._cache_keys, self._clean_keys):
+            # Oldest first, never a key this write itself uses.
+            victims = [key for key in islice(tier, needed + len(wanted)) if key not in wanted]
+            for victim in victims[:needed]:
+                self._remove(victim)
+                self.evicted += 1
+                needed -= 1
         if needed > 0:
             raise Full(f"the memory store holds its maximum of {self.max_keys} keys")

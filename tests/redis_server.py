@@ -1,0 +1,133 @@
+"""Private redis-server (and Sentinel) processes that tests may kill, pause and restart.
+
+Never the machine's shared Redis: every server here has its own port and
+directory, and dies with its test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from .processes import require_binary
+
+START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server on 127.0.0.1:``port``, data in ``directory``."""
+
+    def __init__(
+        self, directory: Path, *args: str, port: int | None = None, sentinel: bool = False
+    ) -> None:
+        self.binary = require_binary("redis-server")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.args = args
+        self.sentinel = sentinel
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if self.sentinel:
+            config = self.directory / "sentinel.conf"
+            if not config.exists():
+                config.write_text("\n".join(self.args) + "\n")
+            command = [
+                self.binary,
+                str(config),
+                "--sentinel",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+            ]
+        else:
+            command = [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self.args,
+            ]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._wait_until_up()
+        return self
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with self.client() as probe:
+                    probe.ping()
+                return
+            except redis.exceptions.AuthenticationError:
+                return  # up, and wants a password
+            except redis.exceptions.ConnectionError:
+                assert self.process is not None
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on {self.port} did not start") from None
+                time.sleep(0.01)
+
+    def client(self, **options: object) -> redis.Redis:
+        """A plain redis-py client, for checking what the daemon wrote."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
+
+    def kill(self) -> None:
+        """SIGKILL: gone at once, without a word to its clients."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)

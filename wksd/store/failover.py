@@ -1,0 +1,464 @@
+"""Redis when it answers, memory when it does not, and nothing lost between.
+
+Theory of operation
+-------------------
+``FailoverStore`` implements the Store interface in front of a ``RedisStore``
+and the ``MemoryStore``. While Redis serves, every call goes to Redis and each
+write is mirrored into memory as a *clean* copy. When a call finds the link
+broken (``LinkDown``: closed, or no reply within ``WKSD_REDIS_TIMEOUT``), that
+call and every later one is served from memory, which already knows this
+host's sessions, workflows and locks from the mirror. The client sees no
+error, only the latency of the timeout at worst.
+
+Writes made in memory during the outage are noted in a ``Journal``. The
+supervisor task (``run``) reconnects with capped, jittered backoff, forever;
+when Redis answers again it writes the journal back with the conflict rules
+of DESIGN section 5 (``_restore``), while memory keeps serving. Only when the
+journal is empty does Redis serve again: the check and the switch happen
+without a checkpoint between them, so no write can slip past.
+
+Conflict rules: a workflow state goes back unless Redis holds one with an
+``updatedAt`` as new or newer; a lock goes back unless Redis gave it to
+someone else, whose it stays; the fencing counter is raised to the highest
+token memory issued; sessions and cache entries carry no write time in the
+seed's layout, so the outage write (or delete) wins. Every outcome is counted
+(``wksd_reconciled_keys_total``) and conflicts are logged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Final
+
+import structlog
+import trio
+from redis.backoff import ExponentialBackoff, ExponentialWithJitterBackoff
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
+
+from clientlib.errors import Unavailable
+
+from ..keys import KeySpace
+from ..metrics import Metrics
+from .base import LockOutcome, WorkflowSnapshot, WorkflowSwap
+from .memory import MemoryStore
+from .redis import RedisStore
+from .redis_link import LinkDown, RedisLink
+from .redis_target import RedisTarget, WrongRole, open_link
+
+__all__ = ["FailoverStore", "Journal"]
+
+log = structlog.get_logger("wksd.redis")
+
+#: Seconds between health PINGs on an idle link: a Redis that died quietly
+#: is noticed this soon even when no request is running.
+PING_INTERVAL: Final = 2.0
+#: Connection attempts at start before wksd says it is serving from memory.
+START_RETRIES: Final = 3
+#: Backoff before those first retries: 0.2 s, 0.4 s, 0.8 s.
+_START_BACKOFF: Final = ExponentialBackoff(cap=1.0, base=0.1)
+
+
+class Journal:
+    """What memory changed while Redis was away: (kind, name) -> version.
+
+    A version, not a flag: if the same key changes again while it is being
+    written back, the newer change must not be forgotten when the older one
+    is settled.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], int] = {}
+        self._version = 0
+        self.lock_owners: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def note(self, kind: str, name: str) -> None:
+        self._version += 1
+        self._entries[(kind, name)] = self._version
+
+    def pending(self) -> list[tuple[str, str, int]]:
+        return [(kind, name, version) for (kind, name), version in self._entries.items()]
+
+    def settle(self, kind: str, name: str, version: int) -> bool:
+        """Forget an entry written back, unless it changed again since."""
+        if self._entries.get((kind, name)) != version:
+            return False
+        del self._entries[(kind, name)]
+        return True
+
+
+class FailoverStore:
+    def __init__(
+        self,
+        memory: MemoryStore,
+        target: RedisTarget,
+        keys: KeySpace,
+        metrics: Metrics,
+        *,
+        timeout: float,
+        backoff_max: float = 5.0,
+        locks_fail_closed: bool = False,
+    ) -> None:
+        self._memory = memory
+        self._target = target
+        self._keys = keys
+        self._metrics = metrics
+        self._timeout = timeout
+        self._backoff = ExponentialWithJitterBackoff(cap=backoff_max, base=0.25)
+        self._locks_fail_closed = locks_fail_closed
+        self._redis: RedisStore | None = None
+        self._link: RedisLink | None = None
+        self._journal = Journal()
+        #: up (connected), down (cannot reach it), error (reached, but refused us).
+        self.redis_status = "down"
+        self._listeners: list[Callable[[str], None]] = []
+        self._backend_changed = trio.Event()
+        metrics.set_backend("memory")
+
+    # -- state ------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return "memory" if self._redis is None else "redis"
+
+    @property
+    def pending_writes(self) -> int:
+        """Outage writes not yet written back to Redis."""
+        return len(self._journal)
+
+    def on_backend_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener("redis"|"memory")`` whenever the serving backend changes."""
+        self._listeners.append(listener)
+
+    async def ping(self) -> tuple[str, float | None]:
+        """One PING: ("up", latency in ms), or the status when it cannot be sent."""
+        link = self._link
+        if link is None or link.broken:
+            return self.redis_status, None
+        started = trio.current_time()
+        try:
+            await link.execute("PING")
+        except LinkDown:
+            return "down", None
+        except ResponseError:
+            return "error", None
+        return "up", round((trio.current_time() - started) * 1000, 3)
+
+    async def wait_for_backend(self, backend: str) -> None:
+        """Return once ``backend`` ("redis" or "memory") is the one serving."""
+        while self.backend != backend:
+            await self._backend_changed.wait()
+
+    def _switch(self, redis: RedisStore | None) -> None:
+        self._redis = redis
+        backend = self.backend
+        self._metrics.set_backend(backend)
+        self._backend_changed.set()
+        self._backend_changed = trio.Event()
+        for listener in self._listeners:
+            listener(backend)
+
+    def _lost(self, redis: RedisStore, reason: LinkDown) -> None:
+        """A call found the link broken: serve from memory from now on."""
+        if self._redis is redis:
+            log.warning("redis lost; serving from memory", error=str(reason))
+            self.redis_status = "down"
+            self._metrics.redis_connection_status.set(0)
+            self._switch(None)
+
+    # -- the Store interface -----------------------------------------------------
+    async def get(self, key: str) -> bytes | None:
+        redis = self._redis
+        if redis is not None:
+            try:
+                return await redis.get(key)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.get(key)
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
+        redis = self._redis
+        if redis is not None:
+            try:
+                return await redis.get_with_ttl(key)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.get_with_ttl(key)
+
+    async def members(self, key: str) -> list[str]:
+        redis = self._redis
+        if redis is not None:
+            try:
+                return await redis.members(key)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.members(key)
+
+    async def workflow_snapshot(
+        self, keys: KeySpace, finished_since: int | None
+    ) -> WorkflowSnapshot:
+        redis = self._redis
+        if redis is not None:
+            try:
+                return await redis.workflow_snapshot(keys, finished_since)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.workflow_snapshot(keys, finished_since)
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        redis = self._redis
+        if redis is not None:
+            try:
+                await redis.set(key, value, ttl_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                self._memory.mirror_set(key, value, ttl_ms)
+                return
+        await self._memory.set(key, value, ttl_ms)
+        self._journal.note("key", key)
+
+    async def delete(self, key: str) -> bool:
+        redis = self._redis
+        if redis is not None:
+            try:
+                existed = await redis.delete(key)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                self._memory.mirror_delete(key)
+                return existed
+        existed = await self._memory.delete(key)
+        self._journal.note("key", key)  # a delete goes back too, known here or not
+        return existed
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        redis = self._redis
+        if redis is not None:
+            try:
+                existed = await redis.expire(key, ttl_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                self._memory.mirror_expire(key, ttl_ms)
+                return existed
+        existed = await self._memory.expire(key, ttl_ms)
+        if existed:
+            self._journal.note("key", key)
+        return existed
+
+    async def lock_acquire(
+        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
+    ) -> LockOutcome:
+        redis = self._redis
+        if redis is not None:
+            try:
+                outcome = await redis.lock_acquire(keys, execution_id, owner, ttl_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                # Mirror the holder either way: during an outage this host
+                # still knows the lock is taken, and by whom.
+                assert outcome.holder is not None
+                self._memory.mirror_lock(
+                    keys, execution_id, outcome.holder, outcome.token, outcome.ttl_ms
+                )
+                return outcome
+        if self._locks_fail_closed:
+            raise Unavailable("Redis is down and WKSD_LOCKS_FAIL_CLOSED is set")
+        outcome = await self._memory.lock_acquire(keys, execution_id, owner, ttl_ms)
+        if outcome.acquired:
+            self._note_lock(execution_id, owner)
+            self._journal.note("fencing", keys.fencing)
+        return outcome
+
+    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+        redis = self._redis
+        if redis is not None:
+            try:
+                status = await redis.lock_release(keys, execution_id, owner)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                if status != "not_owner":
+                    self._memory.mirror_delete(
+                        keys.lock(execution_id), keys.lock_token(execution_id)
+                    )
+                return status
+        status = await self._memory.lock_release(keys, execution_id, owner)
+        if status != "not_owner":
+            # Released here, or unknown here but perhaps held in Redis by
+            # this owner: either way the release goes back.
+            self._note_lock(execution_id, owner)
+        return status
+
+    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+        redis = self._redis
+        if redis is not None:
+            try:
+                status = await redis.lock_extend(keys, execution_id, owner, ttl_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                if status == "extended":
+                    self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
+                return status
+        status = await self._memory.lock_extend(keys, execution_id, owner, ttl_ms)
+        if status == "extended":
+            self._note_lock(execution_id, owner)
+        return status
+
+    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+        redis = self._redis
+        if redis is not None:
+            try:
+                done = await redis.swap_workflow(keys, swap)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+            else:
+                if done:
+                    self._memory.mirror_workflow(keys, swap)
+                return done
+        done = await self._memory.swap_workflow(keys, swap)
+        if done:
+            self._journal.note("workflow", swap.execution_id)
+        return done
+
+    def _note_lock(self, execution_id: str, owner: str) -> None:
+        self._journal.lock_owners[execution_id] = owner
+        self._journal.note("lock", execution_id)
+
+    # -- the supervisor ------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, write back, serve, and reconnect after every failure, forever."""
+        task_status.started()
+        failures = 0
+        while True:
+            served = False
+            async with trio.open_nursery() as nursery:
+                try:
+                    link = await open_link(self._target, self._timeout, nursery, self._metrics)
+                    self._link = link
+                    served = await self._serve(link, nursery)
+                except (RedisError, OSError) as exc:
+                    self._failed(exc, failures)
+                nursery.cancel_scope.cancel()
+            self._link = None
+            failures = 0 if served else failures + 1
+            if failures == START_RETRIES + 1 and not served:
+                log.warning(
+                    "redis unavailable; serving from memory and retrying",
+                    target=self._target.describe(),
+                )
+            if failures <= START_RETRIES:
+                delay = _START_BACKOFF.compute(failures)
+            else:
+                delay = self._backoff.compute(failures - START_RETRIES)
+            await trio.sleep(delay)
+
+    async def _serve(self, link: RedisLink, nursery: trio.Nursery) -> bool:
+        """Write back the outage, switch to Redis, and serve until the link breaks."""
+        redis = RedisStore(link)
+        await redis.load_scripts()
+        self.redis_status = "up"
+        self._metrics.redis_connection_status.set(1)
+        log.info(
+            "redis connected", target=self._target.describe(), pending_writes=len(self._journal)
+        )
+        await self._reconcile(redis)
+        self._switch(redis)  # no checkpoint since the journal was seen empty
+        self._metrics.redis_reconnects.inc()
+        log.info("redis serving")
+        nursery.start_soon(self._ping_forever, link)
+        reason = await link.wait_broken()
+        self._lost(redis, reason)
+        return True
+
+    def _failed(self, exc: BaseException, failures: int) -> None:
+        refused = isinstance(exc, (AuthenticationError, WrongRole, ResponseError))
+        self.redis_status = "error" if refused else "down"
+        self._metrics.redis_connection_status.set(0)
+        if self._redis is not None:  # lost during reconciliation or serving
+            self._switch(None)
+        log_at = log.warning if refused or failures == 0 else log.info
+        log_at(
+            "redis connection failed",
+            target=self._target.describe(),
+            error=str(exc),
+            status=self.redis_status,
+        )
+
+    async def _ping_forever(self, link: RedisLink) -> None:
+        while not link.broken:
+            await trio.sleep(PING_INTERVAL)
+            try:
+                await link.execute("PING")
+            except LinkDown:
+                return  # the link is broken; run() reconnects
+            except ResponseError as exc:
+                link.fail(exc)
+                return
+
+    # -- reconciliation ----------------------------------------------------------------
+    async def _reconcile(self, redis: RedisStore) -> None:
+        """Write back the journal until it is empty; memory serves meanwhile."""
+        conflicts = written = 0
+        while pending := self._journal.pending():
+            for kind, name, version in pending:
+                outcome, keys = await self._restore(redis, kind, name)
+                self._metrics.reconciled_keys.labels(outcome).inc()
+                if outcome == "conflict":
+                    conflicts += 1
+                    log.warning("reconcile conflict; Redis's value kept", kind=kind)
+                else:
+                    written += 1
+                if self._journal.settle(kind, name, version):
+                    self._memory.mark_clean(*keys)
+        if written or conflicts:
+            log.info("outage writes reconciled", written=written, conflicts=conflicts)
+
+    async def _restore(self, redis: RedisStore, kind: str, name: str) -> tuple[str, list[str]]:
+        """Write one journal entry back: its outcome, and the memory keys now clean."""
+        memory, keys = self._memory, self._keys
+        if kind == "key":
+            value, ttl = await memory.get_with_ttl(name)
+            return await redis.restore_plain(name, value, ttl), [name]
+        if kind == "fencing":
+            token = int(await memory.get(name) or b"0")
+            await redis.raise_counter(name, token)
+            return "written", []
+        if kind == "lock":
+            lock_key, token_key = keys.lock(name), keys.lock_token(name)
+            holder, ttl = await memory.get_with_ttl(lock_key)
+            if holder is None:
+                owner = self._journal.lock_owners.get(name, "")
+                status = await redis.lock_release(keys, name, owner)
+                return ("deleted" if status == "released" else "kept"), []
+            token = int(await memory.get(token_key) or b"0")
+            outcome = await redis.restore_lock(
+                keys, name, holder.decode(), ttl if ttl is not None else 1, token
+            )
+            return outcome, [lock_key, token_key]
+        # kind == "workflow"
+        state_key = keys.workflow(name)
+        raw, ttl = await memory.get_with_ttl(state_key)
+        if raw is None:
+            return await redis.retire_workflow(keys, name), []
+        state = json.loads(raw)
+        finished_at = (
+            state.get("completedAt")
+            if state.get("status") in ("completed", "failed", "cancelled")
+            else None
+        )
+        written = await redis.restore_workflow(
+            keys,
+            name,
+            raw,
+            ttl,
+            int(state.get("updatedAt", 0)),
+            active=name in await memory.members(keys.active),
+            finished_at=finished_at,
+        )
+        return ("written" if written == "written" else "conflict"), [state_key]

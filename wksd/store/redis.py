@@ -1,0 +1,198 @@
+"""The Redis store: the Store interface over one ``RedisLink``.
+
+Plain steps are single commands; the composite ones are the scripts of
+``scripts.py``, run with EVALSHA and loaded again when Redis says NOSCRIPT.
+The data layout is the seed's (``KeySpace``), so the TypeScript app reads and
+writes the same keys. Besides the interface, it offers the conditional writes
+that reconciliation after an outage needs (``restore_*``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from ..keys import KeySpace
+from .base import LockOutcome, WorkflowSnapshot, WorkflowSwap
+from .redis_link import RedisLink
+from .scripts import (
+    LOCK_ACQUIRE,
+    LOCK_EXTEND,
+    LOCK_RELEASE,
+    RAISE_COUNTER,
+    RESTORE_LOCK,
+    RESTORE_WORKFLOW,
+    SCRIPTS,
+    WORKFLOW_SNAPSHOT,
+    WORKFLOW_SWAP,
+    Script,
+)
+
+__all__ = ["RedisStore"]
+
+
+def _ttl(reply: int) -> int | None:
+    """PTTL's answer as ms left; -1 (no TTL) and -2 (no key) are None."""
+    return reply if reply >= 0 else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisStore:
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD every script, in one write."""
+        replies = await self.link.pipeline([["SCRIPT", "LOAD", s.source] for s in SCRIPTS])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+        try:
+            return await self.link.execute(*command, name=script.name)
+        except NoScriptError:
+            await self.link.execute("SCRIPT", "LOAD", script.source)
+            return await self.link.execute(*command, name=script.name)
+
+    # -- the Store interface ---------------------------------------------
+    async def get(self, key: str) -> bytes | None:
+        return await self.link.execute("GET", key)  # type: ignore[no-any-return]
+
+    async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        if ttl_ms is None:
+            await self.link.execute("SET", key, value)
+        else:
+            await self.link.execute("SET", key, value, "PX", ttl_ms)
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self.link.execute("DEL", key))
+
+    async def expire(self, key: str, ttl_ms: int) -> bool:
+        return bool(await self.link.execute("PEXPIRE", key, ttl_ms))
+
+    async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
+        value, ttl = await self.link.pipeline([["GET", key], ["PTTL", key]])
+        for reply in (value, ttl):
+            if isinstance(reply, Exception):
+                raise reply
+        return value, None if value is None else _ttl(ttl)
+
+    async def members(self, key: str) -> list[str]:
+        return sorted(_text(m) for m in await self.link.execute("SMEMBERS", key))
+
+    async def lock_acquire(
+        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
+    ) -> LockOutcome:
+        acquired, holder, token, ttl = await self._run(
+            LOCK_ACQUIRE,
+            [keys.lock(execution_id), keys.lock_token(execution_id), keys.fencing],
+            [owner, ttl_ms],
+        )
+        return LockOutcome(bool(acquired), _text(holder), token if acquired else None, _ttl(ttl))
+
+    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+        return _text(
+            await self._run(
+                LOCK_RELEASE, [keys.lock(execution_id), keys.lock_token(execution_id)], [owner]
+            )
+        )
+
+    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+        return _text(
+            await self._run(
+                LOCK_EXTEND,
+                [keys.lock(execution_id), keys.lock_token(execution_id)],
+                [owner, ttl_ms],
+            )
+        )
+
+    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+        expected = swap.expected
+        return bool(
+            await self._run(
+                WORKFLOW_SWAP,
+                [keys.workflow(swap.execution_id), keys.active, keys.finished],
+                [
+                    "0" if expected is None else "1",
+                    b"" if expected is None else expected,
+                    b"" if swap.new is None else swap.new,
+                    "" if swap.ttl_ms is None else swap.ttl_ms,
+                    swap.execution_id,
+                    "1" if swap.active else "0",
+                    "" if swap.finished_at is None else swap.finished_at,
+                    swap.retain_since,
+                ],
+            )
+        )
+
+    async def workflow_snapshot(
+        self, keys: KeySpace, finished_since: int | None
+    ) -> WorkflowSnapshot:
+        ids, states, finished = await self._run(
+            WORKFLOW_SNAPSHOT,
+            [keys.active, keys.finished],
+            [keys.workflow_prefix, "" if finished_since is None else finished_since],
+        )
+        active = sorted(zip((_text(i) for i in ids), states, strict=True))
+        return WorkflowSnapshot(active, list(finished))
+
+    # -- reconciliation after an outage ---------------------------------------
+    async def restore_plain(self, key: str, value: bytes | None, ttl_ms: int | None) -> str:
+        """Write back a session, cache entry or other plain key: ours wins."""
+        if value is None:
+            await self.link.execute("DEL", key)
+            return "deleted"
+        await self.set(key, value, ttl_ms)
+        return "written"
+
+    async def restore_workflow(
+        self,
+        keys: KeySpace,
+        execution_id: str,
+        state: bytes,
+        ttl_ms: int | None,
+        updated_at: int,
+        active: bool,
+        finished_at: int | None,
+    ) -> str:
+        """Write back a state unless Redis holds one as new or newer."""
+        return _text(
+            await self._run(
+                RESTORE_WORKFLOW,
+                [keys.workflow(execution_id), keys.active, keys.finished],
+                [
+                    state,
+                    "" if ttl_ms is None else ttl_ms,
+                    updated_at,
+                    execution_id,
+                    "1" if active else "0",
+                    "" if finished_at is None else finished_at,
+                ],
+            )
+        )
+
+    async def retire_workflow(self, keys: KeySpace, execution_id: str) -> str:
+        """The state is gone here: leave the active set, unless Redis still has it."""
+        gone = WorkflowSwap(execution_id, None, None, None, active=False)
+        return "deleted" if await self.swap_workflow(keys, gone) else "kept"
+
+    async def restore_lock(
+        self, keys: KeySpace, execution_id: str, holder: str, ttl_ms: int, token: int
+    ) -> str:
+        """Give a lock taken during the outage back to Redis, unless someone has it there."""
+        return _text(
+            await self._run(
+                RESTORE_LOCK,
+                [keys.lock(execution_id), keys.lock_token(execution_id), keys.fencing],
+                [holder, ttl_ms, token],
+            )
+        )
+
+    async def raise_counter(self, key: str, value: int) -> int:
+        return int(await self._run(RAISE_COUNTER, [key], [value]))

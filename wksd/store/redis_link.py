@@ -1,0 +1,256 @@
+"""One trio-native Redis connection, auto-pipelined.
+
+Theory of operation
+-------------------
+Any task may ``execute`` a command. The command is encoded by redis-py
+(which packs with hiredis), appended to one outgoing buffer, and its waiter to
+a FIFO. If no write is in progress, the calling task writes the buffer at once;
+commands queued while a write is in progress go out together in the next
+write. So a lone command costs no task switch, and a burst costs one write.
+
+One reader task feeds everything Redis sends into hiredis's ``Reader`` and
+hands each reply to the waiter at the head of the FIFO (Redis answers in
+order), waking its task directly (``trio.lowlevel.reschedule``).
+
+Failure is link-wide. If the reply at the head of the FIFO has not arrived
+``timeout`` seconds after its command was queued, Redis is stalled (or gone
+without a word): the link breaks, and every waiter gets ``LinkDown``. The
+reader watches that deadline itself, so a command costs no cancel scope of
+its own. A closed connection, an unparseable reply, or an error reply that
+means "this node cannot serve" (READONLY, LOADING, MASTERDOWN) breaks it too.
+Error replies about the command itself (a ``ResponseError``) are raised to
+its caller only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Final, cast
+
+import hiredis
+import outcome
+import trio
+from redis._parsers import BaseParser
+from redis.connection import Connection
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    InvalidResponse,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+)
+
+__all__ = ["LinkDown", "RedisLink"]
+
+#: Bytes asked of the socket per read; replies to a pipelined burst are small.
+READ_CHUNK: Final = 65536
+
+#: Replies that mean the node cannot serve us at all, not that one command
+#: was wrong: after a Sentinel failover the old master answers READONLY.
+#: Out of memory is one too: it refuses every write until someone intervenes.
+_NODE_FAILURES: Final = (ReadOnlyError, BusyLoadingError, MasterDownError, OutOfMemoryError)
+
+# redis-py's Connection is used for its encoder only (it packs with hiredis
+# when hiredis is installed); it never connects.
+_pack = Connection().pack_command
+
+
+class LinkDown(ConnectionError):
+    """The Redis link is broken; the command may or may not have been applied."""
+
+
+class _Waiter:
+    """One caller's place in the FIFO.
+
+    The result is handed over only once the caller is parked in
+    ``wait_task_rescheduled`` (``waiting``): a caller may still be busy
+    flushing other tasks' commands when its own reply arrives, and then it
+    finds the result stored when it is done.
+    """
+
+    __slots__ = ("deadline", "name", "replies", "result", "task", "waiting", "wanted")
+
+    def __init__(self, task: trio.lowlevel.Task, name: str, wanted: int, deadline: float) -> None:
+        self.task = task
+        self.name = name
+        self.wanted = wanted
+        self.deadline = deadline
+        self.replies: list[Any] = []
+        self.result: outcome.Outcome[list[Any]] | None = None
+        self.waiting = False
+
+    def settle(self, result: outcome.Outcome[list[Any]]) -> None:
+        self.result = result
+        if self.waiting:
+            self.waiting = False
+            trio.lowlevel.reschedule(self.task, result)
+
+
+class RedisLink:
+    """A connected Redis stream; run ``run`` in a nursery, then ``execute``."""
+
+    def __init__(self, stream: trio.abc.Stream, timeout: float, metrics: Any = None) -> None:
+        self._stream = stream
+        self.timeout = timeout
+        self._metrics = metrics  # wksd.metrics.Metrics, or None
+        self._counted: dict[tuple[str, bool], Any] = {}
+        self._reader = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=BaseParser.parse_error
+        )
+        self._waiters: deque[_Waiter] = deque()
+        self._outgoing = bytearray()
+        self._writing = False
+        self._read_scope: trio.CancelScope | None = None
+        self._error: LinkDown | None = None
+        self._closed = trio.Event()
+
+    @property
+    def broken(self) -> bool:
+        return self._error is not None
+
+    async def wait_broken(self) -> LinkDown:
+        """Return, with the reason, once the link is broken."""
+        await self._closed.wait()
+        assert self._error is not None
+        return self._error
+
+    async def execute(self, *args: Any, name: str | None = None) -> Any:
+        """Send one command; its reply (an error reply is raised)."""
+        (reply,) = await self._submit(_pack(*args), 1, name or args[0])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send several commands in one write; their replies, errors as values."""
+        payload = b"".join(chunk for command in commands for chunk in _pack(*command))
+        return await self._submit([payload], len(commands), "PIPELINE")
+
+    def fail(self, reason: BaseException) -> None:
+        """Break the link: every waiter gets LinkDown, the reader stops."""
+        if self._error is not None:
+            return
+        error = reason if isinstance(reason, LinkDown) else LinkDown(str(reason) or repr(reason))
+        if error is not reason:
+            error.__cause__ = reason
+        self._error = error
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            self._count(waiter.name, failed=True)
+            waiter.settle(outcome.Error(_fresh(error)))
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+        self._closed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read replies until the link breaks; then close the stream."""
+        task_status.started()
+        try:
+            with trio.CancelScope() as self._read_scope:
+                while True:
+                    await self._read_once()
+            if self._error is None:  # the head waiter's deadline passed
+                self.fail(LinkDown(f"Redis did not answer within {self.timeout} s"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(LinkDown(f"connection to Redis lost: {exc}"))
+        except InvalidResponse as exc:
+            self.fail(exc)
+        finally:
+            self.fail(LinkDown("link closed"))
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    # -- internals ----------------------------------------------------------
+    async def _read_once(self) -> None:
+        scope = self._read_scope
+        assert scope is not None
+        scope.deadline = self._waiters[0].deadline if self._waiters else math.inf
+        data = await self._stream.receive_some(READ_CHUNK)
+        if not data:
+            raise trio.BrokenResourceError("Redis closed the connection")
+        reader = self._reader
+        reader.feed(cast(bytes, data))  # trio's SocketStream gives bytes
+        while (reply := reader.gets()) is not False:
+            self._deliver(reply)
+
+    def _deliver(self, reply: Any) -> None:
+        if not self._waiters:
+            raise InvalidResponse("a reply nobody asked for")
+        waiter = self._waiters[0]
+        waiter.replies.append(reply)
+        if isinstance(reply, Exception):
+            self._count(waiter.name, failed=True)
+        if isinstance(reply, _NODE_FAILURES):
+            self.fail(reply)
+            return
+        if len(waiter.replies) < waiter.wanted:
+            return
+        self._waiters.popleft()
+        waiter.settle(outcome.Value(waiter.replies))
+
+    async def _submit(self, chunks: list[bytes], wanted: int, name: str) -> list[Any]:
+        if self._error is not None:
+            raise _fresh(self._error)
+        self._count(name)
+        waiter = _Waiter(
+            trio.lowlevel.current_task(), name, wanted, trio.current_time() + self.timeout
+        )
+        if not self._waiters and self._read_scope is not None:
+            self._read_scope.deadline = waiter.deadline
+        self._waiters.append(waiter)
+        for chunk in chunks:
+            self._outgoing += chunk
+        if not self._writing:
+            await self._flush()
+        if waiter.result is not None:
+            return waiter.result.unwrap()
+
+        def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
+            waiter.waiting = False  # its reply will still be read, and dropped
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        waiter.waiting = True
+        replies: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
+        return replies
+
+    def _count(self, name: str, failed: bool = False) -> None:
+        """redis_commands_total, or redis_commands_failed_total, for ``name``."""
+        if self._metrics is None:
+            return
+        child = self._counted.get((name, failed))
+        if child is None:
+            family = self._metrics.redis_commands_failed if failed else self._metrics.redis_commands
+            child = self._counted[(name, failed)] = family.labels(name)
+        child.inc()
+
+    async def _flush(self) -> None:
+        """Write everything queued, including what is queued meanwhile."""
+        self._writing = True
+        try:
+            # Shielded: a half-written command would corrupt the stream. A
+            # stalled Redis cannot hold this forever, because the reader's
+            # deadline breaks the link and closes the stream under it.
+            with trio.CancelScope(shield=True):
+                while self._outgoing and self._error is None:
+                    data, self._outgoing = self._outgoing, bytearray()
+                    await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(LinkDown(f"sending to Redis failed: {exc}"))
+        finally:
+            self._writing = False
+
+
+def _fresh(error: LinkDown) -> LinkDown:
+    """A new exception per waiter: one instance raised in many tasks tangles tracebacks."""
+    copy = LinkDown(*error.args)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+def is_command_error(exc: BaseException) -> bool:
+    """An error reply about the command itself, not about the link."""
+    return isinstance(exc, ResponseError) and not isinstance(exc, _NODE_FAILURES)

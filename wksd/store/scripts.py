@@ -1,0 +1,236 @@
+"""The Lua scripts that make wksd's composite steps atomic in Redis.
+
+Each script is a constant whose comment states its KEYS and ARGV and what it
+returns. They run with EVALSHA; the SHA is computed here, the script loaded
+at connect (SCRIPT LOAD) and loaded again if Redis answers NOSCRIPT (after a
+SCRIPT FLUSH, a restart or a failover to a node that never saw it).
+
+``WORKFLOW_SNAPSHOT`` reads state keys it computes from a prefix rather than
+receiving them in KEYS: that is what lets ``stats`` read every state in one
+round trip. It is fine on a single Redis or behind Sentinel, not on Cluster
+(which DESIGN does not ask for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = [
+    "LOCK_ACQUIRE",
+    "LOCK_EXTEND",
+    "LOCK_RELEASE",
+    "RAISE_COUNTER",
+    "RESTORE_LOCK",
+    "RESTORE_WORKFLOW",
+    "SCRIPTS",
+    "WORKFLOW_SNAPSHOT",
+    "WORKFLOW_SWAP",
+    "Script",
+]
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+# KEYS[1] lock key (holds the worker id), KEYS[2] token key, KEYS[3] fencing counter
+# ARGV[1] worker id, ARGV[2] TTL in ms
+# -> {1, worker, token, ttl} when acquired: a free lock (the counter gives a
+#    new token) or one this worker already holds (same token, TTL refreshed);
+#    {0, holder, -1, pttl} when another worker holds it.
+LOCK_ACQUIRE = Script(
+    "lock_acquire",
+    """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return {0, holder, -1, redis.call('PTTL', KEYS[1])}
+end
+local token = false
+if holder then token = redis.call('GET', KEYS[2]) end
+if token then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  token = redis.call('INCR', KEYS[3])
+  redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {1, ARGV[1], tonumber(token), tonumber(ARGV[2])}
+""",
+)
+
+# KEYS[1] lock key, KEYS[2] token key; ARGV[1] worker id
+# -> 'released', 'not_found' or 'not_owner'. Only the holder deletes.
+LOCK_RELEASE = Script(
+    "lock_release",
+    """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return 'not_found' end
+if holder ~= ARGV[1] then return 'not_owner' end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 'released'
+""",
+)
+
+# KEYS[1] lock key, KEYS[2] token key; ARGV[1] worker id, ARGV[2] TTL in ms
+# -> 'extended', 'not_found' or 'not_owner'. Only the holder extends.
+LOCK_EXTEND = Script(
+    "lock_extend",
+    """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return 'not_found' end
+if holder ~= ARGV[1] then return 'not_owner' end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 'extended'
+""",
+)
+
+# KEYS[1] state key, KEYS[2] active set, KEYS[3] finished index (ZSET)
+# ARGV[1] '1' if a state is expected, '0' if the key must be absent
+# ARGV[2] the expected state (compared whole: redis.sha1hex would save bytes but
+#         is missing from Redis-compatible servers such as fakeredis)
+# ARGV[3] new state, or '' to leave the state as it is; ARGV[4] its TTL in ms, or ''
+# ARGV[5] execution id; ARGV[6] '1' to join the active set, '0' to leave it
+# ARGV[7] finished-at score (ms) for the finished index, or ''
+# ARGV[8] index entries scored below this are pruned
+# -> 1 when applied, 0 when the state was not as expected (the caller re-reads).
+WORKFLOW_SWAP = Script(
+    "workflow_swap",
+    """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if current ~= ARGV[2] then return 0 end
+elseif current then
+  return 0
+end
+if ARGV[3] ~= '' then
+  if ARGV[4] ~= '' then
+    redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  else
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+end
+if ARGV[6] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[5])
+  redis.call('ZREM', KEYS[3], ARGV[5])
+else
+  redis.call('SREM', KEYS[2], ARGV[5])
+  if ARGV[7] ~= '' then
+    redis.call('ZADD', KEYS[3], ARGV[7], ARGV[5])
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[8])
+  end
+end
+return 1
+""",
+)
+
+# KEYS[1] active set, KEYS[2] finished index
+# ARGV[1] state key prefix; ARGV[2] finished since (ms), or '' to skip finished ones
+# -> {ids, states, finished}: states[i] is ids[i]'s state or nil when gone;
+#    finished holds the states (still present) of ids finished since ARGV[2].
+WORKFLOW_SNAPSHOT = Script(
+    "workflow_snapshot",
+    """
+local ids = redis.call('SMEMBERS', KEYS[1])
+local states = {}
+for i, id in ipairs(ids) do
+  states[i] = redis.call('GET', ARGV[1] .. id)
+end
+local finished = {}
+if ARGV[2] ~= '' then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
+    local state = redis.call('GET', ARGV[1] .. id)
+    if state then finished[#finished + 1] = state end
+  end
+end
+return {ids, states, finished}
+""",
+)
+
+# Reconciliation after an outage: the state wksd wrote to memory goes back
+# unless Redis holds a newer one.
+# KEYS[1] state key, KEYS[2] active set, KEYS[3] finished index
+# ARGV[1] our state, ARGV[2] its TTL in ms or '', ARGV[3] our updatedAt (ms)
+# ARGV[4] execution id, ARGV[5] '1' active / '0' not, ARGV[6] finished-at or ''
+# -> 'written' (ours was newer, or Redis had none), 'kept' (Redis's is as new or newer).
+RESTORE_WORKFLOW = Script(
+    "restore_workflow",
+    """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, state = pcall(cjson.decode, current)
+  if ok and type(state) == 'table' and tonumber(state['updatedAt'])
+     and tonumber(state['updatedAt']) >= tonumber(ARGV[3]) then
+    return 'kept'
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[5] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[4])
+  redis.call('ZREM', KEYS[3], ARGV[4])
+else
+  redis.call('SREM', KEYS[2], ARGV[4])
+  if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4]) end
+end
+return 'written'
+""",
+)
+
+# Reconciliation of a lock taken in memory during an outage.
+# KEYS[1] lock key, KEYS[2] token key, KEYS[3] fencing counter
+# ARGV[1] holder, ARGV[2] TTL left in ms, ARGV[3] the token memory gave it
+# -> 'written' when Redis had no lock or the same holder (it keeps Redis's
+#    token if it has one); 'conflict' when another worker holds it: theirs stays.
+RESTORE_LOCK = Script(
+    "restore_lock",
+    """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 'conflict' end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if holder and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+end
+local counter = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[3]) > counter then redis.call('SET', KEYS[3], ARGV[3]) end
+return 'written'
+""",
+)
+
+# KEYS[1] a counter; ARGV[1] a value. The counter becomes ARGV[1] if that is
+# higher, so fencing tokens issued in memory are never issued again.
+# -> the counter's value afterwards.
+RAISE_COUNTER = Script(
+    "raise_counter",
+    """
+local counter = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > counter then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return tonumber(ARGV[1])
+end
+return counter
+""",
+)
+
+SCRIPTS = (
+    LOCK_ACQUIRE,
+    LOCK_RELEASE,
+    LOCK_EXTEND,
+    WORKFLOW_SWAP,
+    WORKFLOW_SNAPSHOT,
+    RESTORE_WORKFLOW,
+    RESTORE_LOCK,
+    RAISE_COUNTER,
+)
