@@ -124,3 +124,11 @@ def daemon_process(sock_path: str) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess(sock_path).start()
     yield daemon
     daemon.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server of this test's own, to kill, pause and restart."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

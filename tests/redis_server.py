@@ -12,8 +12,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .processes import require_binary
 
@@ -99,8 +102,13 @@ class RedisServer:
                     raise RuntimeError(f"redis-server on {self.port} did not start") from None
                 time.sleep(0.01)
 
-    def client(self, **options: object) -> redis.Redis:
-        """A plain redis-py client, for checking what the daemon wrote."""
+    def client(self, **options: Any) -> redis.Redis:
+        """A plain redis-py client, for checking what the daemon wrote.
+
+        No retries: redis-py retries connection errors by default, which would
+        hide what the test is looking at (and slow the start-up polling).
+        """
+        options.setdefault("retry", Retry(NoBackoff(), 0))
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
 
     def kill(self) -> None:

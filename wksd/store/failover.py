@@ -13,9 +13,13 @@ error, only the latency of the timeout at worst.
 Writes made in memory during the outage are noted in a ``Journal``. The
 supervisor task (``run``) reconnects with capped, jittered backoff, forever;
 when Redis answers again it writes the journal back with the conflict rules
-of DESIGN section 5 (``_restore``), while memory keeps serving. Only when the
-journal is empty does Redis serve again: the check and the switch happen
-without a checkpoint between them, so no write can slip past.
+of DESIGN section 5 (``_restore``), many entries at once over the pipelined
+link, while memory keeps serving. Clients that rewrite the same keys would
+keep the journal from ever being empty, so once few entries are left a short
+final phase begins: new writes wait (reads go on from memory, which is then
+exactly current), the last entries go back, Redis takes over, and the waiting
+writes go to Redis. The wait is the time to write back those few entries, and
+never more than the Redis timeout, since a stalled link breaks and releases it.
 
 Conflict rules: a workflow state goes back unless Redis holds one with an
 ``updatedAt`` as new or newer; a lock goes back unless Redis gave it to
@@ -57,6 +61,16 @@ PING_INTERVAL: Final = 2.0
 START_RETRIES: Final = 3
 #: Backoff before those first retries: 0.2 s, 0.4 s, 0.8 s.
 _START_BACKOFF: Final = ExponentialBackoff(cap=1.0, base=0.1)
+#: Journal entries written back at once: enough to fill the pipeline, few
+#: enough that the requests being served meanwhile still get their turn.
+RESTORE_CONCURRENCY: Final = 64
+#: With this many entries or fewer left, writes pause for the final phase.
+#: Written back at RESTORE_CONCURRENCY at a time, that is milliseconds.
+FINAL_PHASE_ENTRIES: Final = 512
+#: Passes over the journal while writes go on. Clients rewriting more keys
+#: than a pass can keep up with would otherwise keep Redis out for ever; after
+#: this many passes the final phase begins however much is left.
+MAX_OPEN_PASSES: Final = 8
 
 
 class Journal:
@@ -116,6 +130,8 @@ class FailoverStore:
         self.redis_status = "down"
         self._listeners: list[Callable[[str], None]] = []
         self._backend_changed = trio.Event()
+        self._switching: trio.Event | None = None  # not None while writes wait (final phase)
+        self._counts: dict[str, int] = {}
         metrics.set_backend("memory")
 
     # -- state ------------------------------------------------------------------
@@ -168,6 +184,12 @@ class FailoverStore:
             self._metrics.redis_connection_status.set(0)
             self._switch(None)
 
+    async def _writer(self) -> RedisStore | None:
+        """Where a write goes: Redis, or memory (None); waits out a final phase."""
+        while self._redis is None and self._switching is not None:
+            await self._switching.wait()
+        return self._redis
+
     # -- the Store interface -----------------------------------------------------
     async def get(self, key: str) -> bytes | None:
         redis = self._redis
@@ -208,7 +230,7 @@ class FailoverStore:
         return await self._memory.workflow_snapshot(keys, finished_since)
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 await redis.set(key, value, ttl_ms)
@@ -221,7 +243,7 @@ class FailoverStore:
         self._journal.note("key", key)
 
     async def delete(self, key: str) -> bool:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 existed = await redis.delete(key)
@@ -235,7 +257,7 @@ class FailoverStore:
         return existed
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 existed = await redis.expire(key, ttl_ms)
@@ -252,7 +274,7 @@ class FailoverStore:
     async def lock_acquire(
         self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
     ) -> LockOutcome:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 outcome = await redis.lock_acquire(keys, execution_id, owner, ttl_ms)
@@ -275,7 +297,7 @@ class FailoverStore:
         return outcome
 
     async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 status = await redis.lock_release(keys, execution_id, owner)
@@ -295,7 +317,7 @@ class FailoverStore:
         return status
 
     async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 status = await redis.lock_extend(keys, execution_id, owner, ttl_ms)
@@ -311,7 +333,7 @@ class FailoverStore:
         return status
 
     async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
-        redis = self._redis
+        redis = await self._writer()
         if redis is not None:
             try:
                 done = await redis.swap_workflow(keys, swap)
@@ -367,8 +389,7 @@ class FailoverStore:
         log.info(
             "redis connected", target=self._target.describe(), pending_writes=len(self._journal)
         )
-        await self._reconcile(redis)
-        self._switch(redis)  # no checkpoint since the journal was seen empty
+        await self._reconcile_and_switch(redis)
         self._metrics.redis_reconnects.inc()
         log.info("redis serving")
         nursery.start_soon(self._ping_forever, link)
@@ -402,22 +423,51 @@ class FailoverStore:
                 return
 
     # -- reconciliation ----------------------------------------------------------------
-    async def _reconcile(self, redis: RedisStore) -> None:
-        """Write back the journal until it is empty; memory serves meanwhile."""
-        conflicts = written = 0
-        while pending := self._journal.pending():
-            for kind, name, version in pending:
-                outcome, keys = await self._restore(redis, kind, name)
-                self._metrics.reconciled_keys.labels(outcome).inc()
-                if outcome == "conflict":
-                    conflicts += 1
-                    log.warning("reconcile conflict; Redis's value kept", kind=kind)
-                else:
-                    written += 1
-                if self._journal.settle(kind, name, version):
-                    self._memory.mark_clean(*keys)
-        if written or conflicts:
-            log.info("outage writes reconciled", written=written, conflicts=conflicts)
+    async def _reconcile_and_switch(self, redis: RedisStore) -> None:
+        """Write the journal back, then let Redis serve (see the module docstring)."""
+        self._counts = {"written": 0, "conflict": 0}
+        for _ in range(MAX_OPEN_PASSES):
+            if len(self._journal) <= FINAL_PHASE_ENTRIES:
+                break
+            await self._restore_all(redis, self._journal.pending())
+        self._switching = trio.Event()
+        try:
+            while pending := self._journal.pending():  # only entries from before the pause
+                await self._restore_all(redis, pending)
+            self._switch(redis)
+        finally:
+            self._switching.set()
+            self._switching = None
+        if self._counts["written"] or self._counts["conflict"]:
+            log.info("outage writes reconciled", **self._counts)
+
+    async def _restore_all(self, redis: RedisStore, pending: list[tuple[str, str, int]]) -> None:
+        """Write back ``pending`` entries, several at once; the first error is raised."""
+        limiter = trio.CapacityLimiter(RESTORE_CONCURRENCY)
+        failures: list[BaseException] = []
+
+        async def restore(kind: str, name: str, version: int) -> None:
+            async with limiter:
+                try:
+                    outcome, keys = await self._restore(redis, kind, name)
+                except (RedisError, OSError) as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+                    return
+            self._metrics.reconciled_keys.labels(outcome).inc()
+            if outcome == "conflict":
+                self._counts["conflict"] += 1
+                log.warning("reconcile conflict; Redis's value kept", kind=kind)
+            else:
+                self._counts["written"] += 1
+            if self._journal.settle(kind, name, version):
+                self._memory.mark_clean(*keys)
+
+        async with trio.open_nursery() as nursery:
+            for entry in pending:
+                nursery.start_soon(restore, *entry)
+        if failures:
+            raise failures[0]
 
     async def _restore(self, redis: RedisStore, kind: str, name: str) -> tuple[str, list[str]]:
         """Write one journal entry back: its outcome, and the memory keys now clean."""

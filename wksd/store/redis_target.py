@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 from redis.connection import parse_url
-from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+from redis.exceptions import AuthenticationError, ConnectionError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from ..config import Config, ConfigError
@@ -212,9 +212,9 @@ async def open_link(
         handshake.append(["ROLE"])
     replies = await link.pipeline(handshake)
     for reply in replies:
-        if isinstance(reply, ResponseError):
+        if isinstance(reply, Exception):
             link.fail(reply)
-            if isinstance(reply, AuthenticationError) or "AUTH" in str(reply).upper():
+            if isinstance(reply, AuthenticationError):  # WRONGPASS, NOAUTH
                 raise AuthenticationError(f"Redis refused our login: {reply}")
             raise ConnectionError(f"Redis refused the handshake: {reply}")
     if target.sentinels and replies[-1][0] != b"master":
