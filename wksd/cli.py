@@ -22,6 +22,12 @@ EX_UNAVAILABLE = 69
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["ctl"]:
+        from .ctl import main as ctl_main  # the operator tool; the daemon never loads it
+
+        return ctl_main(args[1:])
+    argv = args
     try:
         config = load_config(argv)
         daemon = Daemon(config)
