@@ -5,6 +5,9 @@ the daemon restarted since the last call, sending on the old connection fails
 before the daemon could have read anything, so the request is sent once more
 on a fresh connection. A connection that breaks *after* a request went out
 raises ``ConnectionLost`` instead, because the request may have been applied.
+A daemon that is shutting down says so (the ``closing`` notification, sent
+with its last answers); the client then connects afresh before its next
+request instead of sending it into a closing connection.
 
 A ``Client`` may be shared between threads; calls are serialised by a lock.
 """
@@ -51,6 +54,8 @@ T = TypeVar("T")
 
 #: Bytes asked of the socket per read; responses are usually far smaller.
 _READ_CHUNK = 65536
+#: Notifications after which the daemon closes the connection.
+_GOODBYES = frozenset({"closing", "protocol_error"})
 
 
 def _method(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
@@ -79,6 +84,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._decoder = Decoder(max_message_bytes)
         self._msgid = 0
+        self._closing = False
         self._lock = threading.Lock()
 
     def __enter__(self) -> Client:
@@ -151,6 +157,8 @@ class Client:
         self._msgid = msgid = (self._msgid + 1) & MAX_MSGID
         payload = encode_request(msgid, method, params)
         deadline = time.monotonic() + self.timeout
+        if self._sock is not None and (self._closing or self._closing_seen()):
+            self._drop()
         if self._sock is None:
             self._connect()
         try:
@@ -179,6 +187,19 @@ class Client:
             ) from exc
         self._sock = sock
         self._decoder = Decoder(self._max_message_bytes)
+        self._closing = False
+
+    def _closing_seen(self) -> bool:
+        """Whether the daemon's closing notice is among the bytes already read."""
+        while True:
+            try:
+                event = self._decoder.next_event()
+            except ProtocolError:
+                return True
+            if event is NEED_DATA:
+                return False
+            if isinstance(event, Notification) and event.method in _GOODBYES:
+                return True
 
     def _send(self, payload: bytes) -> None:
         assert self._sock is not None
@@ -219,6 +240,8 @@ class Client:
                 if event.method == "protocol_error":
                     self._drop()
                     raise ProtocolError(f"wksd closed the connection: {event.params}")
+                if event.method == "closing":
+                    self._closing = True
             else:  # Invalid, or a Request: the daemon never sends those
                 self._drop()
                 raise ProtocolError(f"unexpected message from wksd: {event}")

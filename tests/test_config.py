@@ -53,6 +53,8 @@ def test_lists_and_addresses_parse() -> None:
     )
     assert config.allowed_uids == frozenset({0, 1000, 1001})
     assert config.metrics_addr == ("127.0.0.1", 9464)
+    assert load_config([], {"WKSD_METRICS_ADDR": "9464"}).metrics_addr == ("127.0.0.1", 9464)
+    assert load_config([], {"WKSD_METRICS_ADDR": "[::1]:9"}).metrics_addr == ("::1", 9)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +73,7 @@ def test_lists_and_addresses_parse() -> None:
         ("WKSD_ENV", "staging"),
         ("REDIS_ENABLED", "maybe"),
         ("REDIS_PORT", "70000"),
-        ("WKSD_METRICS_ADDR", "9464"),
+        ("WKSD_METRICS_ADDR", "localhost:http"),
         ("WKSD_SOCKET", "/tmp/" + "x" * 120),
         ("REDIS_PASSWORD_FILE", "/nonexistent/password"),
     ],

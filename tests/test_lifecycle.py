@@ -9,23 +9,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import pytest
 
 from clientlib import Client
-from clientlib.protocol import NEED_DATA, Decoder, Response, encode_request
+from clientlib.protocol import NEED_DATA, Decoder, Notification, Response, encode_request
 
 from .processes import DaemonProcess
 
 
-def read_all_responses(sock: socket.socket) -> list[Response]:
+def read_to_close(sock: socket.socket) -> list[Any]:
+    """Every message until the daemon closes the connection."""
     decoder = Decoder()
-    answers = []
+    messages = []
     while data := sock.recv(65536):
         decoder.receive_data(data)
         while (event := decoder.next_event()) is not NEED_DATA:
-            answers.append(event)
-    return answers
+            messages.append(event)
+    return messages
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -41,14 +43,16 @@ def test_signal_drains_in_flight_requests_and_exits_0(sock_path: str, sig: int) 
                 )
             )
             daemon.process.send_signal(sig)  # type: ignore[union-attr]
-            answers = read_all_responses(sock)
+            messages = read_to_close(sock)
         assert daemon.wait() == 0
         logs = [json.loads(line) for line in daemon.output.splitlines()]
     finally:
         daemon.close()
-    # Whatever the daemon had read before the signal was answered, in order, OK;
-    # and it read at least the first batch.
+    # Whatever the daemon had read before the signal was answered, in order, OK,
+    # and the last word was the closing notice.
+    answers = [m for m in messages if isinstance(m, Response)]
     assert answers and [a.msgid for a in answers] == list(range(len(answers)))
+    assert messages[-1] == Notification("closing", ["wksd is shutting down"])
     assert all(a.error is None for a in answers)
     assert not os.path.exists(sock_path)
     # One JSON object a line; the life story is there, no user id or value is.

@@ -360,15 +360,47 @@ def test_a_regular_file_is_never_removed(sock_path: str) -> None:
 
 
 async def test_shutdown_answers_what_was_read_then_exits(sock_path: str, connect: Connect) -> None:
-    """On shutdown: no new connections, requests already read are answered, run returns."""
+    """On shutdown: requests already sent are answered, then the closing notice, then EOF."""
     async with trio.open_nursery() as nursery:
         daemon = await start_daemon(nursery, sock_path)
         peer = await connect()
         await peer.stream.send_all(b"".join(encode_request(i, "ping", []) for i in range(100)))
         first = await peer.next()
         daemon.shutdown()
-        answered = [first.msgid]
+        messages = [first]
         while (message := await peer.next()) is not None:
-            answered.append(message.msgid)
-        assert answered == list(range(100))
+            messages.append(message)
+        assert [m.msgid for m in messages[:-1]] == list(range(100))
+        assert messages[-1] == Notification("closing", ["wksd is shutting down"])
     assert not os.path.exists(sock_path)
+
+
+async def test_a_request_crossing_the_closing_notice_is_answered(
+    sock_path: str, connect: Connect
+) -> None:
+    """A request sent just after the notice left the daemon is still answered before EOF."""
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, sock_path)
+        peer = await connect()
+        assert (await peer.call("ping")).result == "PONG"
+        daemon.shutdown()
+        assert await peer.next() == Notification("closing", ["wksd is shutting down"])
+        await peer.request(7, "ping")  # crossed the notice on the wire
+        assert await peer.next() == Response(7, None, "PONG")
+        assert await peer.next() is None
+
+
+async def test_an_idle_connection_is_closed_at_once_on_shutdown(
+    sock_path: str, connect: Connect
+) -> None:
+    """Idle clients do not hold the shutdown: notice, a short grace, then EOF."""
+    async with trio.open_nursery() as nursery:
+        daemon = await start_daemon(nursery, sock_path, shutdown_timeout=30)
+        peers = [await connect() for _ in range(5)]
+        for peer in peers:
+            assert (await peer.call("ping")).result == "PONG"
+        with trio.fail_after(5):  # far below the 30 s shutdown timeout
+            daemon.shutdown()
+            for peer in peers:
+                assert isinstance(await peer.next(), Notification)
+                assert await peer.next() is None

@@ -25,6 +25,7 @@ from .access import AccessPolicy
 from .clock import Clock, SystemClock
 from .config import Config
 from .domain import Documents, Locks, Workflows
+from .http import serve_http
 from .keys import KeySpace
 from .methods import (
     Dispatcher,
@@ -44,6 +45,7 @@ from .store.base import Store
 from .store.failover import FailoverStore
 from .store.memory import MemoryStore
 from .store.redis_target import RedisTarget
+from .systemd import Notifier, inherited_socket
 
 __all__ = ["Daemon"]
 
@@ -62,6 +64,7 @@ class Daemon:
         clock: Clock | None = None,
         listen_socket: trio.socket.SocketType | None = None,
         redis: RedisTarget | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """Build the daemon; ``ConfigError`` if the Redis settings are unusable."""
         self.config = config
@@ -100,6 +103,11 @@ class Daemon:
         self.dispatcher = Dispatcher(self._methods(), self.metrics)
         self._listen_socket = listen_socket
         self._owns_path = False
+        self.notifier = notifier or Notifier()
+        if self.failover is not None:
+            self.failover.on_backend_change(
+                lambda backend: self.notifier.status(self._status_line())
+            )
         self._started = time.monotonic()
         self._stop = trio.Event()
         self.server: Server | None = None
@@ -231,11 +239,24 @@ class Daemon:
 
     # -- running -------------------------------------------------------------------
     def listen(self) -> None:
-        """Bind the socket now, unless one was handed over; errors surface here."""
-        if self._listen_socket is None:
-            config = self.config
-            self._listen_socket = bind_unix_socket(config.socket, config.socket_mode)
-            self._owns_path = True
+        """Take the socket systemd passed, or bind our own; errors surface here."""
+        if self._listen_socket is not None:
+            return
+        inherited = inherited_socket()
+        if inherited is not None:
+            self._listen_socket = trio.socket.from_stdlib_socket(inherited)
+            return
+        config = self.config
+        self._listen_socket = bind_unix_socket(config.socket, config.socket_mode)
+        self._owns_path = True
+
+    def _status_line(self) -> str:
+        """What systemctl status shows after "Status:"."""
+        if self.failover is None:
+            return "serving from memory (Redis disabled)"
+        if self.failover.backend == "redis":
+            return "serving from Redis"
+        return f"serving from memory; Redis {self.failover.redis_status}, reconnecting"
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         config = self.config
@@ -255,14 +276,25 @@ class Daemon:
                 if config.cleanup_interval:
                     nursery.start_soon(self._cleanup_forever)
                 await nursery.start(server.serve, [trio.SocketListener(sock)])
+                if config.metrics_addr is not None:
+                    await nursery.start(serve_http, config.metrics_addr, self)
+                if self.failover is not None:
+                    # READY says where data goes: give Redis one connection
+                    # attempt's time first (memory serves meanwhile).
+                    with trio.move_on_after(2 * config.redis_timeout):
+                        await self.failover.wait_first_attempt()
+                nursery.start_soon(self.notifier.watchdog_forever)
                 log.info(
                     "serving",
-                    socket=config.socket,
+                    socket=_socket_name(sock) or config.socket,
                     version=__version__,
                     redis="disabled" if self.failover is None else "enabled",
+                    activated=not self._owns_path,
                 )
+                self.notifier.ready(self._status_line())
                 task_status.started(self)
                 await self._stop.wait()
+                self.notifier.stopping()
                 log.info("stopping", connections=server.connection_count)
                 with trio.move_on_after(config.shutdown_timeout) as grace:
                     await server.drain()
@@ -294,11 +326,16 @@ class Daemon:
                 log.warning("workflow cleanup failed", error=exc.code)
 
 
+def _socket_name(sock: trio.socket.SocketType) -> str | None:
+    name = sock.getsockname()
+    return name if isinstance(name, str) and name else None
+
+
 def _socket_gid(sock: trio.socket.SocketType) -> int | None:
-    """The group of an inherited socket's file, if it has one."""
+    """The group of the socket's file (SocketGroup= when systemd made it)."""
     try:
-        name = sock.getsockname()
-        return os.stat(name).st_gid if isinstance(name, str) and name else None
+        name = _socket_name(sock)
+        return os.stat(name).st_gid if name else None
     except OSError:
         return None
 

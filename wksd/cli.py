@@ -1,63 +1,23 @@
-"""The ``wksd`` command: parse the configuration, log, serve until a signal."""
+"""The ``wksd`` command: ``wksd [FLAGS]`` runs the daemon, ``wksd ctl ...`` asks it.
+
+Only the standard library is imported here, so ``wksd ctl`` starts without
+loading trio, redis or the daemon, and the daemon without the operator tool.
+"""
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Sequence
 
-import structlog
-import trio
-
-from .app import Daemon
-from .config import EX_CONFIG, ConfigError, load_config
-from .logs import configure_logging
-
 __all__ = ["main"]
-
-log = structlog.get_logger("wksd")
-
-#: EX_UNAVAILABLE from sysexits.h: the socket could not be bound.
-EX_UNAVAILABLE = 69
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["ctl"]:
-        from .ctl import main as ctl_main  # the operator tool; the daemon never loads it
+        from .ctl import main as ctl_main
 
         return ctl_main(args[1:])
-    argv = args
-    try:
-        config = load_config(argv)
-        daemon = Daemon(config)
-    except ConfigError as exc:
-        print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    configure_logging(config.log_level, config.log_format)
-    try:
-        trio.run(_serve, daemon)
-    except OSError as exc:
-        log.error("cannot serve", socket=config.socket, error=str(exc))
-        return EX_UNAVAILABLE
-    return 0
+    from .run import run_daemon
 
-
-async def _serve(daemon: Daemon) -> None:
-    """Run the daemon; the first SIGTERM/SIGINT drains it, a second one cuts it short."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        daemon.listen()  # before any nursery, so a bind error is a plain OSError
-        async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if daemon.stopping:
-                        log.warning("second signal; stopping now")
-                        nursery.cancel_scope.cancel()
-                        return
-                    log.info("signal received", signal=signal.Signals(signum).name)
-                    daemon.shutdown()
-
-            nursery.start_soon(watch_signals)
-            await daemon.run()
-            nursery.cancel_scope.cancel()
+    return run_daemon(args)

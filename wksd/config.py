@@ -92,10 +92,11 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
+    """HOST:PORT, or :PORT or PORT alone for the loopback address."""
+    host, _, port = text.strip().rpartition(":")
+    if not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), _int_in(0, 65535)(port)
+    return host.strip("[]") or "127.0.0.1", _int_in(0, 65535)(port)
 
 
 def _text(text: str) -> str:

@@ -18,13 +18,19 @@ answered, then the connection closes. Undecodable bytes get a
 ``protocol_error`` notification after the answers to everything before them,
 then the connection closes; no other connection notices.
 
-Shutdown (``drain``) stops every connection from reading more; each finishes
-what it has read, answers, and closes.
+Shutdown (``drain``) stops accepting. Each binary connection answers what it
+has read and, in the same write, sends the notification ``[2, "closing",
+[reason]]``, so a client knows to send its next request elsewhere (clientlib
+reconnects; under socket activation the new connection waits for the next
+daemon). It then reads for ``DRAIN_READ_GRACE`` more, answering any request
+that crossed the notice on the wire, and closes. The daemon's deadline
+(WKSD_SHUTDOWN_TIMEOUT) bounds it all.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket as stdlib_socket
 import stat
@@ -70,6 +76,14 @@ FLUSH_BYTES: Final = 65536
 #: Pending connections the kernel queues for accept(); workers of one host
 #: reconnecting after a restart arrive in a burst.
 LISTEN_BACKLOG: Final = 1024
+
+#: After the closing notice, how long a connection is still read: a request
+#: that crossed the notice is already in the socket buffer, or arrives within a
+#: scheduling delay.
+DRAIN_READ_GRACE: Final = 0.05
+
+
+_CLOSING: Final = encode_notification("closing", ["wksd is shutting down"])
 
 
 class AddressInUse(OSError):
@@ -129,19 +143,22 @@ class _Connection:
         self.log = log.bind(
             peer_pid=peer.pid if peer else None, peer_uid=peer.uid if peer else None
         )
-        self._draining = False
+        self.draining = False
+        self.told_closing = False
         self._read_scope: trio.CancelScope | None = None
 
     async def receive(self) -> bytes:
-        """The next bytes, or b"" at end of input or once draining."""
-        if self._draining:
-            return b""
-        with trio.CancelScope() as self._read_scope:
+        """The next bytes; b"" at end of input, or when draining and nothing came."""
+        if self.draining and not self.told_closing:
+            return b""  # the closing notice goes out first
+        deadline = trio.current_time() + DRAIN_READ_GRACE if self.draining else math.inf
+        with trio.CancelScope(deadline=deadline) as self._read_scope:
             return await self.stream.receive_some(READ_CHUNK)
         return b""
 
     def drain(self) -> None:
-        self._draining = True
+        """Stop waiting for new requests (see the module docstring)."""
+        self.draining = True
         if self._read_scope is not None:
             self._read_scope.cancel()
 
@@ -261,9 +278,16 @@ class Server:
                 if len(out) >= FLUSH_BYTES:
                     await stream.send_all(out)
                     out = bytearray()
+            if connection.draining and not connection.told_closing:
+                out += _CLOSING
+                connection.told_closing = True
             if out:
                 await stream.send_all(out)
             data = await connection.receive()
+            if not data and connection.draining and not connection.told_closing:
+                await stream.send_all(_CLOSING)  # was idle when the drain began
+                connection.told_closing = True
+                data = await connection.receive()
 
     async def _serve_text(self, connection: _Connection, data: bytes) -> None:
         lines = LineBuffer(self._max_message_bytes)

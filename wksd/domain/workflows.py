@@ -12,9 +12,12 @@ up as JavaScript's Math.round does, so wksd and the seed's app agree.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
+
+import trio
 
 from clientlib.errors import BadRequest, Conflict, NotFound, WksError
 
@@ -39,6 +42,11 @@ STALE_ERROR: Final = "Workflow timed out or became unresponsive"
 #: our read and our write; dozens in a row means a writer storm, and the
 #: caller is better told than kept waiting.
 MAX_SWAP_ATTEMPTS: Final = 32
+#: After a lost compare-and-set, wait a random time up to this base doubled
+#: per loss (capped below), so writers that collided do not collide again in
+#: lockstep. The waits add up to about a second at most.
+SWAP_BACKOFF_BASE: Final = 0.0005
+SWAP_BACKOFF_CAP: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +257,7 @@ class Workflows:
         self, execution_id: str, plan: Callable[[dict[str, Any] | None, int], _Plan]
     ) -> dict[str, Any]:
         key = self._keys.workflow(execution_id)
-        for _ in range(MAX_SWAP_ATTEMPTS):
+        for attempt in range(MAX_SWAP_ATTEMPTS):
             raw = await self._store.get(key)
             decision = plan(None if raw is None else decode(raw), now_ms(self._clock))
             swap = WorkflowSwap(
@@ -263,6 +271,8 @@ class Workflows:
             )
             if await self._store.swap_workflow(self._keys, swap):
                 return decision.state
+            cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2**attempt)
+            await trio.sleep(random.uniform(0, cap))
         raise Conflict(f"workflow {execution_id} kept changing under us; try again")
 
 

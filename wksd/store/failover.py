@@ -131,6 +131,7 @@ class FailoverStore:
         self._listeners: list[Callable[[str], None]] = []
         self._backend_changed = trio.Event()
         self._switching: trio.Event | None = None  # not None while writes wait (final phase)
+        self._first_attempt = trio.Event()
         self._counts: dict[str, int] = {}
         metrics.set_backend("memory")
 
@@ -161,6 +162,10 @@ class FailoverStore:
         except ResponseError:
             return "error", None
         return "up", round((trio.current_time() - started) * 1000, 3)
+
+    async def wait_first_attempt(self) -> None:
+        """Return once the first connection attempt succeeded or failed."""
+        await self._first_attempt.wait()
 
     async def wait_for_backend(self, backend: str) -> None:
         """Return once ``backend`` ("redis" or "memory") is the one serving."""
@@ -366,6 +371,7 @@ class FailoverStore:
                     served = await self._serve(link, nursery)
                 except (RedisError, OSError) as exc:
                     self._failed(exc, failures)
+                    self._first_attempt.set()
                 nursery.cancel_scope.cancel()
             self._link = None
             failures = 0 if served else failures + 1
@@ -390,6 +396,7 @@ class FailoverStore:
             "redis connected", target=self._target.describe(), pending_writes=len(self._journal)
         )
         await self._reconcile_and_switch(redis)
+        self._first_attempt.set()
         self._metrics.redis_reconnects.inc()
         log.info("redis serving")
         nursery.start_soon(self._ping_forever, link)

@@ -1,0 +1,113 @@
+"""Prometheus metrics and a health probe over HTTP, when WKSD_METRICS_ADDR is set.
+
+Two routes, GET (or HEAD) only: ``/metrics``, the Prometheus exposition, and
+``/health``, the health document with status 200 when the daemon is healthy or
+degraded and 503 when it is unhealthy, so a load balancer or a probe can act
+on the status code alone. One request per connection: scrapers and probes
+open a connection per request anyway. h11 parses; this module only routes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from functools import partial
+from typing import Any, Final, Protocol
+
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST
+
+__all__ = ["serve_http"]
+
+#: A probe's request line and headers fit in far less; a larger one is not a probe.
+MAX_REQUEST_BYTES: Final = 8192
+#: Seconds a client has to send its request before the connection is dropped,
+#: so idle connections cannot pile up.
+REQUEST_TIMEOUT: Final = 5.0
+
+_HEALTHY_ENOUGH: Final = frozenset({"healthy", "degraded"})
+
+
+class _Observable(Protocol):
+    async def health(self) -> dict[str, Any]: ...
+
+    async def metrics_text(self) -> str: ...
+
+
+async def serve_http(
+    address: tuple[str, int],
+    daemon: _Observable,
+    *,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    host, port = address
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    await trio.serve_listeners(partial(_handle, daemon), listeners, task_status=task_status)
+
+
+async def _handle(daemon: _Observable, stream: trio.SocketStream) -> None:
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    async with stream:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                request = await _read_request(connection, stream)
+            except h11.RemoteProtocolError:
+                await _send(connection, stream, 400, b"bad request\n", "text/plain")
+                return
+            if request is None:
+                return
+            status, body, content_type = await _route(daemon, request)
+            await _send(
+                connection, stream, status, body, content_type, head=request.method == b"HEAD"
+            )
+
+
+async def _read_request(
+    connection: h11.Connection, stream: trio.SocketStream
+) -> h11.Request | None:
+    while True:
+        event = connection.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(MAX_REQUEST_BYTES)
+            connection.receive_data(data)  # b"" tells h11 the peer closed
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _route(daemon: _Observable, request: h11.Request) -> tuple[int, bytes, str]:
+    if request.method not in (b"GET", b"HEAD"):
+        return 405, b"GET or HEAD only\n", "text/plain"
+    path = request.target.split(b"?", 1)[0]
+    if path == b"/metrics":
+        return 200, (await daemon.metrics_text()).encode(), CONTENT_TYPE_LATEST
+    if path == b"/health":
+        health = await daemon.health()
+        status = 200 if health["status"] in _HEALTHY_ENOUGH else 503
+        return status, json.dumps(health).encode() + b"\n", "application/json"
+    return 404, b"try /metrics or /health\n", "text/plain"
+
+
+async def _send(
+    connection: h11.Connection,
+    stream: trio.SocketStream,
+    status: int,
+    body: bytes,
+    content_type: str,
+    head: bool = False,
+) -> None:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    if status == 405:
+        headers.append(("Allow", "GET, HEAD"))
+    data = connection.send(h11.Response(status_code=status, headers=headers))
+    if not head:
+        data += connection.send(h11.Data(data=body)) or b""
+    data += connection.send(h11.EndOfMessage()) or b""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(data or b"")  # a probe that hung up is no concern

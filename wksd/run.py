@@ -1,0 +1,59 @@
+"""Running the daemon from the command line: configuration, logging, signals."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+import trio
+
+from .app import Daemon
+from .config import EX_CONFIG, ConfigError, load_config
+from .logs import configure_logging
+
+__all__ = ["run_daemon"]
+
+log = structlog.get_logger("wksd")
+
+#: EX_UNAVAILABLE from sysexits.h: the socket could not be bound.
+EX_UNAVAILABLE: Final = 69
+
+
+def run_daemon(argv: Sequence[str]) -> int:
+    """Serve until a signal; the exit status (0, 69 or 78)."""
+    try:
+        config = load_config(argv)
+        daemon = Daemon(config)
+    except ConfigError as exc:
+        print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(config.log_level, config.log_format)
+    try:
+        trio.run(_serve, daemon)
+    except OSError as exc:
+        log.error("cannot serve", socket=config.socket, error=str(exc))
+        return EX_UNAVAILABLE
+    return 0
+
+
+async def _serve(daemon: Daemon) -> None:
+    """Run the daemon; the first SIGTERM/SIGINT drains it, a second one cuts it short."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        daemon.listen()  # before any nursery, so a bind error is a plain OSError
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if daemon.stopping:
+                        log.warning("second signal; stopping now")
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("signal received", signal=signal.Signals(signum).name)
+                    daemon.shutdown()
+
+            nursery.start_soon(watch_signals)
+            await daemon.run()
+            nursery.cancel_scope.cancel()
