@@ -100,6 +100,14 @@ def test_password_sources_in_order(tmp_path: Path) -> None:
     assert target({}).password is None
 
 
+def test_an_empty_password_file_means_no_password(tmp_path: Path) -> None:
+    """An empty credential (as LoadCredential needs for a Redis without one) sends no AUTH."""
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    (credentials / "redis-password").write_text("")
+    assert target({}, {"CREDENTIALS_DIRECTORY": str(credentials)}).password is None
+
+
 def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
     """A password file that exists but cannot be read names REDIS_PASSWORD_FILE."""
     directory = tmp_path / "dir-not-file"

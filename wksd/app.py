@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from typing import Any
 
@@ -62,7 +63,7 @@ class Daemon:
         config: Config,
         *,
         clock: Clock | None = None,
-        listen_socket: trio.socket.SocketType | None = None,
+        listen_socket: socket.socket | None = None,
         redis: RedisTarget | None = None,
         notifier: Notifier | None = None,
     ) -> None:
@@ -244,7 +245,7 @@ class Daemon:
             return
         inherited = inherited_socket()
         if inherited is not None:
-            self._listen_socket = trio.socket.from_stdlib_socket(inherited)
+            self._listen_socket = inherited
             return
         config = self.config
         self._listen_socket = bind_unix_socket(config.socket, config.socket_mode)
@@ -275,7 +276,7 @@ class Daemon:
                     await nursery.start(self.failover.run)
                 if config.cleanup_interval:
                     nursery.start_soon(self._cleanup_forever)
-                await nursery.start(server.serve, [trio.SocketListener(sock)])
+                await nursery.start(server.serve, sock)
                 if config.metrics_addr is not None:
                     await nursery.start(serve_http, config.metrics_addr, self)
                 if self.failover is not None:
@@ -296,6 +297,8 @@ class Daemon:
                 await self._stop.wait()
                 self.notifier.stopping()
                 log.info("stopping", connections=server.connection_count)
+                server.stop_accepting()
+                self._stop_listening(sock)
                 with trio.move_on_after(config.shutdown_timeout) as grace:
                     await server.drain()
                 if grace.cancelled_caught:
@@ -305,10 +308,23 @@ class Daemon:
                     )
                 nursery.cancel_scope.cancel()
         finally:
-            sock.close()
-            if self._owns_path:
-                _unlink_quietly(config.socket)
+            self._stop_listening(sock)
         log.info("stopped")
+
+    def _stop_listening(self, sock: socket.socket) -> None:
+        """Close the listening socket, and remove its path if it is ours.
+
+        Done when the drain begins: a client that reconnects then must be
+        refused at once (or, under socket activation, wait in systemd's copy
+        of the socket for the next daemon), not be queued in a backlog that
+        nobody will accept from.
+        """
+        if sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(sock)  # wakes the accept loop if it waits
+            sock.close()
+        if self._owns_path:
+            _unlink_quietly(self.config.socket)
+            self._owns_path = False
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -326,12 +342,12 @@ class Daemon:
                 log.warning("workflow cleanup failed", error=exc.code)
 
 
-def _socket_name(sock: trio.socket.SocketType) -> str | None:
+def _socket_name(sock: socket.socket) -> str | None:
     name = sock.getsockname()
     return name if isinstance(name, str) and name else None
 
 
-def _socket_gid(sock: trio.socket.SocketType) -> int | None:
+def _socket_gid(sock: socket.socket) -> int | None:
     """The group of the socket's file (SocketGroup= when systemd made it)."""
     try:
         name = _socket_name(sock)

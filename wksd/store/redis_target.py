@@ -178,7 +178,9 @@ def _password(config: Config, environ: Mapping[str, str]) -> str | None:
             continue
         try:
             with open(path, encoding="utf-8") as secret:
-                return secret.read().rstrip("\r\n")
+                # Empty means none: systemd's LoadCredential needs the file to
+                # exist even for a Redis without a password.
+                return secret.read().rstrip("\r\n") or None
         except OSError as exc:
             raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
     return None
