@@ -85,6 +85,12 @@ PARALLEL_OPS = 5_000
 QUICK_SEQUENTIAL_OPS = 2_000
 QUICK_PARALLEL_OPS = 500
 
+#: Each measurement is split into this many rounds, and the rounds of the
+#: targets are interleaved (round 1 of every target, then round 2, ...). On a
+#: small VM latency drifts by tens of percent over seconds; interleaving lets
+#: a slow patch hit every target alike instead of skewing one ratio.
+ROUNDS = 5
+
 #: Unmeasured operations before each measurement: the connection is open,
 #: code paths and allocator pools are warm. One tenth of the work, at least
 #: ``MIN_WARMUP_OPS``.
@@ -211,6 +217,17 @@ class Stats:
     ops_per_second: float
 
 
+@dataclass
+class Sample:
+    """Latencies (ns) of the operations measured, and the time they took together."""
+
+    latencies: list[int]
+    window_ns: int
+
+    def __add__(self, other: Sample) -> Sample:
+        return Sample(self.latencies + other.latencies, self.window_ns + other.window_ns)
+
+
 def summarise(latencies: Sequence[int], window_ns: int) -> Stats:
     ordered = sorted(latencies)
     return Stats(
@@ -231,13 +248,13 @@ def percentile(ordered: Sequence[int], percent: float) -> int:
 # -- sequential ------------------------------------------------------------
 
 
-def measure_sequential(target: Target, count: int) -> Stats:
+def measure_sequential(target: Target, count: int) -> Sample:
     with open_operation(target) as operation:
         time_operations(operation, warmup_ops(count))
         started = time.perf_counter_ns()
         latencies = time_operations(operation, count)
         window = time.perf_counter_ns() - started
-    return summarise(latencies, window)
+    return Sample(latencies, window)
 
 
 # -- parallel --------------------------------------------------------------
@@ -267,7 +284,7 @@ def parallel_worker(
     results.put(WorkerResult(started, finished, array("q", latencies)))
 
 
-def measure_parallel(context: ForkServerContext, target: Target, count: int) -> Stats:
+def measure_parallel(context: ForkServerContext, target: Target, count: int) -> Sample:
     barrier = context.Barrier(PROCESSES)
     results: Queue[WorkerResult] = context.Queue()
     workers = [
@@ -292,7 +309,7 @@ def measure_parallel(context: ForkServerContext, target: Target, count: int) -> 
                 worker.join(STOP_TIMEOUT)
     pooled = [latency for report in reports for latency in report.latencies]
     window = max(r.finished_ns for r in reports) - min(r.started_ns for r in reports)
-    return summarise(pooled, window)
+    return Sample(pooled, window)
 
 
 def collect(results: Queue[WorkerResult], workers: Sequence[BaseProcess]) -> list[WorkerResult]:
@@ -483,14 +500,26 @@ def check_targets(targets: Sequence[Target], value: dict[str, Any]) -> None:
 
 
 def run(targets: Sequence[Target], sequential_ops: int, parallel_ops: int) -> list[Result]:
+    """Measure every target in ROUNDS interleaved rounds; pool each target's rounds."""
     context = multiprocessing.get_context("forkserver")
-    results = []
-    for target in targets:
-        print(f"  measuring {target.name} ...", file=sys.stderr, flush=True)
-        sequential = measure_sequential(target, sequential_ops)
-        parallel = measure_parallel(context, target, parallel_ops)
-        results.append(Result(target.name, sequential, parallel))
-    return results
+    sequential = {target.name: Sample([], 0) for target in targets}
+    parallel = {target.name: Sample([], 0) for target in targets}
+    for number in range(ROUNDS):
+        print(f"  round {number + 1} of {ROUNDS} ...", file=sys.stderr, flush=True)
+        for target in targets:
+            sequential[target.name] += measure_sequential(target, sequential_ops // ROUNDS)
+        for target in targets:
+            parallel[target.name] += measure_parallel(
+                context, target, max(1, parallel_ops // ROUNDS)
+            )
+    return [
+        Result(
+            target.name,
+            summarise(sequential[target.name].latencies, sequential[target.name].window_ns),
+            summarise(parallel[target.name].latencies, parallel[target.name].window_ns),
+        )
+        for target in targets
+    ]
 
 
 def ratios(results: Sequence[Result]) -> list[Ratio]:

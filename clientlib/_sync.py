@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -163,6 +164,9 @@ class Client:
             self._connect()
         try:
             self._send(payload)
+        except BlockingIOError:
+            self._drop()  # the daemon reads nothing: part of the request may be out
+            raise RequestTimeout(f"wksd took no request within {self.timeout} s") from None
         except OSError:
             # The old connection is dead (the daemon restarted); nothing was
             # read from it, so sending again on a new one is safe.
@@ -185,6 +189,14 @@ class Client:
             raise DaemonUnavailable(
                 f"cannot connect to wksd at {self.path}: {exc.strerror or exc}"
             ) from exc
+        # From here on a blocking socket with the timeout kept by the kernel
+        # (SO_RCVTIMEO/SO_SNDTIMEO): one system call per recv, where Python's
+        # own timeout polls first, which costs a good part of a round trip.
+        sock.settimeout(None)
+        seconds = int(self.timeout)
+        timeval = struct.pack("ll", seconds, int((self.timeout - seconds) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._sock = sock
         self._decoder = Decoder(self._max_message_bytes)
         self._closing = False
@@ -215,13 +227,11 @@ class Client:
                 self._drop()
                 raise
             if event is NEED_DATA:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RequestTimeout(f"no answer from wksd within {self.timeout} s")
                 try:
-                    sock.settimeout(remaining)
                     data = sock.recv(_READ_CHUNK)
-                except TimeoutError:
+                except BlockingIOError:  # SO_RCVTIMEO ran out
+                    if time.monotonic() < deadline:
+                        continue  # a large answer still arriving
                     raise RequestTimeout(f"no answer from wksd within {self.timeout} s") from None
                 except OSError as exc:
                     self._drop()

@@ -156,7 +156,15 @@ class Decoder:
 
     def receive_data(self, data: bytes) -> None:
         """Add received bytes. Empty ``data`` is ignored (EOF is the caller's)."""
-        self._pending += data
+        if not self._pending and len(data) <= self._room():
+            self._unpacker.feed(data)  # the usual case: no copy through _pending
+            self._fed += len(data)
+        else:
+            self._pending += data
+
+    def _room(self) -> int:
+        """Bytes the current message may still take before it is over the limit."""
+        return self.max_message_bytes - (self._fed - self._message_start)
 
     def next_event(self) -> Event | _NeedData:
         """The next complete message, ``NEED_DATA``, or ``ProtocolError``."""
@@ -164,12 +172,14 @@ class Decoder:
             raise self._error
         unpacker = self._unpacker
         while True:
+            if self._fed == unpacker.tell() and not self._pending:
+                return NEED_DATA  # nothing unread: skip the OutOfData exception
             try:
                 obj = unpacker.unpack()
             except msgpack.OutOfData:
                 if not self._pending:
                     return NEED_DATA
-                room = self.max_message_bytes - (self._fed - self._message_start)
+                room = self._room()
                 if room <= 0:
                     raise self._fail(
                         f"message larger than {self.max_message_bytes} bytes"

@@ -135,12 +135,7 @@ class Dispatcher:
 
     def __init__(self, methods: Sequence[Method], metrics: Metrics) -> None:
         self.methods = {method.name: method for method in methods}
-        self._metrics = metrics
-        # Label children resolved once: .labels() costs a dict lookup and a
-        # lock on every call otherwise.
-        self._durations = {
-            name: metrics.request_duration.labels(name) for name in [*self.methods, "other"]
-        }
+        self._stats = metrics.requests
 
     async def call(
         self,
@@ -174,5 +169,4 @@ class Dispatcher:
             log.error("handler failed", method=label, error=type(exc).__name__, exc_info=True)
             raise InternalError("internal error; see the daemon's log") from exc
         finally:
-            self._durations[label].observe(time.perf_counter() - started)
-            self._metrics.requests.labels(label, code).inc()
+            self._stats.observe(label, code, time.perf_counter() - started)

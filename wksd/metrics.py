@@ -4,10 +4,17 @@ The seed documented three metrics and never built them; they are here under
 their seed names. Everything else is ``wksd_``-prefixed. Label values are
 bounded: an unknown method is counted as ``other``, never by the name a client
 sent.
+
+Requests are counted by ``RequestStats`` in plain dicts rather than with
+prometheus-client's Counter and Histogram: those take a lock on every update,
+which costs more than answering a memory hit, and the daemon answers all its
+requests on one thread. A collector turns the dicts into the same families at
+scrape time.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -15,11 +22,15 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
@@ -70,6 +81,49 @@ class _MemoryCollector(Collector):
         )
 
 
+class RequestStats(Collector):
+    """wksd_requests_total{method,code} and wksd_request_duration_seconds{method}."""
+
+    def __init__(self, buckets: tuple[float, ...] = _DURATION_BUCKETS) -> None:
+        self._buckets = buckets
+        self._counts: dict[tuple[str, str], int] = {}
+        # method -> [count per bucket..., count above the last bucket]; and sums
+        self._histograms: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        key = (method, code)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        histogram = self._histograms.get(method)
+        if histogram is None:
+            histogram = self._histograms[method] = [0] * (len(self._buckets) + 1)
+            self._sums[method] = 0.0
+        histogram[bisect_left(self._buckets, seconds)] += 1
+        self._sums[method] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "wksd_requests",
+            "Requests answered, by method and result code.",
+            labels=["method", "code"],
+        )
+        for (method, code), count in sorted(self._counts.items()):
+            requests.add_metric([method, code], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "wksd_request_duration_seconds",
+            "Time to answer a request, by method.",
+            labels=["method"],
+        )
+        for method, histogram in sorted(self._histograms.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, self._buckets), "+Inf"), histogram, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            durations.add_metric([method], cumulative, self._sums[method])
+        yield durations
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
@@ -92,19 +146,8 @@ class Metrics:
             registry=registry,
         )
         # -- wksd's own ----------------------------------------------------------
-        self.requests = Counter(
-            "wksd_requests_total",
-            "Requests answered, by method and result code.",
-            ["method", "code"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "wksd_request_duration_seconds",
-            "Time to answer a request, by method.",
-            ["method"],
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
+        self.requests = RequestStats()
+        registry.register(self.requests)
         self.connections = Gauge(
             "wksd_connections",
             "Client connections open now.",

@@ -32,7 +32,6 @@ that crossed the notice on the wire, and closes. The daemon's deadline
 from __future__ import annotations
 
 import errno
-import math
 import os
 import socket as stdlib_socket
 import stat
@@ -136,7 +135,12 @@ def bind_unix_socket(path: str, mode: int) -> stdlib_socket.socket:
 
 
 class _Connection:
-    """One client connection: its stream, its peer, and a way to stop reading."""
+    """One client connection: its stream, its peer, and how it is being shut down.
+
+    The connection's task runs inside ``scope``. A drain cancels that scope
+    only while the task waits for input (``waiting``), so nothing that was
+    read is ever interrupted; the goodbye then runs outside the scope.
+    """
 
     def __init__(self, stream: SocketIO, peer: Peer | None, policy: AccessPolicy) -> None:
         self.stream = stream
@@ -146,24 +150,29 @@ class _Connection:
         self.log = log.bind(
             peer_pid=peer.pid if peer else None, peer_uid=peer.uid if peer else None
         )
+        self.scope = trio.CancelScope()
+        self.waiting = False
         self.draining = False
+        self.ended = False  # end of input, or closed for a protocol error
         self.told_closing = False
-        self._read_scope: trio.CancelScope | None = None
+        self.decoder: Decoder | None = None
 
     async def receive(self) -> bytes:
-        """The next bytes; b"" at end of input, or when draining and nothing came."""
-        if self.draining and not self.told_closing:
-            return b""  # the closing notice goes out first
-        deadline = trio.current_time() + DRAIN_READ_GRACE if self.draining else math.inf
-        with trio.CancelScope(deadline=deadline) as self._read_scope:
-            return await self.stream.receive_some(READ_CHUNK)
-        return b""
+        """The next bytes from the client, b"" at end of input."""
+        self.waiting = True
+        try:
+            data = await self.stream.receive_some(READ_CHUNK)
+        finally:
+            self.waiting = False
+        if not data:
+            self.ended = True
+        return data
 
     def drain(self) -> None:
         """Stop waiting for new requests (see the module docstring)."""
         self.draining = True
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self.waiting:
+            self.scope.cancel()
 
 
 class Server:
@@ -228,11 +237,15 @@ class Server:
         if not connection.allowed:
             connection.log.warning("peer not allowed", peer_gid=peer.gid if peer else None)
         try:
-            first = await connection.receive()
-            if first and is_text_start(first[0]):
-                await self._serve_text(connection, first)
-            elif first:
-                await self._serve_binary(connection, first)
+            with connection.scope:
+                first = await connection.receive()
+                if first and is_text_start(first[0]):
+                    await self._serve_text(connection, first)
+                elif first:
+                    connection.decoder = Decoder(self._max_message_bytes)
+                    await self._serve_binary(connection, first)
+            if connection.draining and connection.decoder and not connection.ended:
+                await self._say_goodbye(connection)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer to
         finally:
@@ -255,47 +268,61 @@ class Server:
         )
 
     async def _serve_binary(self, connection: _Connection, data: bytes) -> None:
-        decoder = Decoder(self._max_message_bytes)
-        stream = connection.stream
-        while data:
-            decoder.receive_data(data)
-            out = bytearray()
-            while True:
-                try:
-                    event = decoder.next_event()
-                except ProtocolError as exc:
-                    self._metrics.protocol_errors.inc()
-                    connection.log.info("closing on protocol error", reason=str(exc))
-                    out += encode_notification("protocol_error", [str(exc)])
-                    await stream.send_all(out)
-                    return
-                if event is NEED_DATA:
-                    break
-                if isinstance(event, Request):
-                    try:
-                        result = await self._call(connection, event.method, event.params)
-                    except RemoteError as exc:
-                        out += encode_response(event.msgid, exc.to_wire(), None)
-                    else:
-                        out += encode_response(event.msgid, None, result)
-                elif isinstance(event, Invalid):
-                    out += encode_response(event.msgid, BadRequest(event.reason).to_wire(), None)
-                else:  # a response or notification: clients send requests only
-                    error = BadRequest("clients send requests, [0, msgid, method, params]")
-                    out += encode_response(None, error.to_wire(), None)
-                if len(out) >= FLUSH_BYTES:
-                    await stream.send_all(out)
-                    out = bytearray()
-            if connection.draining and not connection.told_closing:
-                out += _CLOSING
-                connection.told_closing = True
-            if out:
-                await stream.send_all(out)
+        while data and await self._answer(connection, data) and not connection.draining:
             data = await connection.receive()
-            if not data and connection.draining and not connection.told_closing:
-                await stream.send_all(_CLOSING)  # was idle when the drain began
-                connection.told_closing = True
-                data = await connection.receive()
+
+    async def _say_goodbye(self, connection: _Connection) -> None:
+        """Tell a draining client we close; answer what crosses the notice; close."""
+        if not connection.told_closing:  # it was waiting for input when the drain began
+            await connection.stream.send_all(_CLOSING)
+            connection.told_closing = True
+        while True:
+            with trio.move_on_after(DRAIN_READ_GRACE):
+                data = await connection.stream.receive_some(READ_CHUNK)
+                if data and await self._answer(connection, data):
+                    continue
+            return
+
+    async def _answer(self, connection: _Connection, data: bytes) -> bool:
+        """Answer every request complete in ``data``; False if the stream broke."""
+        decoder = connection.decoder
+        assert decoder is not None
+        stream = connection.stream
+        decoder.receive_data(data)
+        out = bytearray()
+        while True:
+            try:
+                event = decoder.next_event()
+            except ProtocolError as exc:
+                self._metrics.protocol_errors.inc()
+                connection.log.info("closing on protocol error", reason=str(exc))
+                out += encode_notification("protocol_error", [str(exc)])
+                await stream.send_all(out)
+                connection.ended = True
+                return False
+            if event is NEED_DATA:
+                break
+            if isinstance(event, Request):
+                try:
+                    result = await self._call(connection, event.method, event.params)
+                except RemoteError as exc:
+                    out += encode_response(event.msgid, exc.to_wire(), None)
+                else:
+                    out += encode_response(event.msgid, None, result)
+            elif isinstance(event, Invalid):
+                out += encode_response(event.msgid, BadRequest(event.reason).to_wire(), None)
+            else:  # a response or notification: clients send requests only
+                error = BadRequest("clients send requests, [0, msgid, method, params]")
+                out += encode_response(None, error.to_wire(), None)
+            if len(out) >= FLUSH_BYTES:
+                await stream.send_all(out)
+                out = bytearray()
+        if connection.draining and not connection.told_closing:
+            out += _CLOSING  # with the last answers, so the client sees both at once
+            connection.told_closing = True
+        if out:
+            await stream.send_all(out)
+        return True
 
     async def _serve_text(self, connection: _Connection, data: bytes) -> None:
         lines = LineBuffer(self._max_message_bytes)
@@ -319,7 +346,7 @@ class Server:
                     out = bytearray()
             if out:
                 await stream.send_all(out)
-            if not data:
+            if not data or connection.draining:
                 return
             data = await connection.receive()
 

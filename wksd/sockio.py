@@ -50,20 +50,19 @@ class SocketIO:
     async def receive_some(self, max_bytes: int = 65536) -> bytes:
         """Bytes from the peer, b"" at end of input; BrokenResourceError if it broke."""
         sock = self.socket
+        self._streak += 1
+        if self._streak >= FAIR_SHARE:
+            # Before the read, never after: a cancellation here loses nothing.
+            self._streak = 0
+            await trio.lowlevel.checkpoint()
         while True:
             try:
-                data = sock.recv(max_bytes)
+                return sock.recv(max_bytes)
             except BlockingIOError:
                 self._streak = 0
                 await trio.lowlevel.wait_readable(sock)
-                continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            self._streak += 1
-            if self._streak >= FAIR_SHARE:
-                self._streak = 0
-                await trio.lowlevel.checkpoint()
-            return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte, waiting while the peer's buffer is full."""

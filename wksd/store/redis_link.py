@@ -14,17 +14,22 @@ order), waking its task directly (``trio.lowlevel.reschedule``).
 
 Failure is link-wide. If the reply at the head of the FIFO has not arrived
 ``timeout`` seconds after its command was queued, Redis is stalled (or gone
-without a word): the link breaks, and every waiter gets ``LinkDown``. The
-reader watches that deadline itself, so a command costs no cancel scope of
-its own. A closed connection, an unparseable reply, or an error reply that
-means "this node cannot serve" (READONLY, LOADING, MASTERDOWN) breaks it too.
-Error replies about the command itself (a ``ResponseError``) are raised to
-its caller only.
+without a word): the link breaks, and every waiter gets ``LinkDown``. A small
+watch task checks the oldest command's age (``_watch_stalls``), so a command
+costs no cancel scope or deadline of its own; a stall is noticed within a
+quarter of the timeout after it. A closed connection, an unparseable reply, or
+an error reply that means "this node cannot serve" (READONLY, LOADING,
+MASTERDOWN, OOM) breaks it too. Error replies about the command itself (a
+``ResponseError``) are raised to its caller only.
+
+Plain TCP and Unix links run on ``wksd.sockio.SocketIO`` (see there why);
+TLS runs on trio's SSLStream. Writes are not shielded from cancellation: a
+write cancelled half-way would leave a corrupt stream, so it breaks the link
+instead, and the failover serves from memory until it reconnects.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final, cast
@@ -104,7 +109,7 @@ class RedisLink:
         self._waiters: deque[_Waiter] = deque()
         self._outgoing = bytearray()
         self._writing = False
-        self._read_scope: trio.CancelScope | None = None
+        self._scope: trio.CancelScope | None = None
         self._error: LinkDown | None = None
         self._closed = trio.Event()
 
@@ -142,40 +147,51 @@ class RedisLink:
         for waiter in waiters:
             self._count(waiter.name, failed=True)
             waiter.settle(outcome.Error(_fresh(error)))
-        if self._read_scope is not None:
-            self._read_scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
         self._closed.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read replies until the link breaks; then close the stream."""
         task_status.started()
         try:
-            with trio.CancelScope() as self._read_scope:
-                while True:
-                    await self._read_once()
-            if self._error is None:  # the head waiter's deadline passed
-                self.fail(LinkDown(f"Redis did not answer within {self.timeout} s"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self.fail(LinkDown(f"connection to Redis lost: {exc}"))
-        except InvalidResponse as exc:
-            self.fail(exc)
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_stalls)
+                    await self._read_forever()
         finally:
             self.fail(LinkDown("link closed"))
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
 
     # -- internals ----------------------------------------------------------
-    async def _read_once(self) -> None:
-        scope = self._read_scope
-        assert scope is not None
-        scope.deadline = self._waiters[0].deadline if self._waiters else math.inf
-        data = await self._stream.receive_some(READ_CHUNK)
-        if not data:
-            raise trio.BrokenResourceError("Redis closed the connection")
+    async def _read_forever(self) -> None:
+        """Deliver replies until the stream ends or breaks (which breaks the link)."""
         reader = self._reader
-        reader.feed(cast(bytes, data))  # trio's SocketStream gives bytes
-        while (reply := reader.gets()) is not False:
-            self._deliver(reply)
+        receive = self._stream.receive_some
+        try:
+            while data := await receive(READ_CHUNK):
+                reader.feed(cast(bytes, data))  # both stream kinds give bytes
+                while (reply := reader.gets()) is not False:
+                    self._deliver(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.fail(LinkDown(f"connection to Redis lost: {exc}"))
+        except InvalidResponse as exc:
+            self.fail(exc)
+        else:
+            self.fail(LinkDown("connection to Redis lost: Redis closed the connection"))
+
+    async def _watch_stalls(self) -> None:
+        """Break the link when the oldest command has waited ``timeout``."""
+        idle_check = self.timeout / 4
+        while True:
+            if not self._waiters:
+                await trio.sleep(idle_check)
+            elif trio.current_time() >= self._waiters[0].deadline:
+                self.fail(LinkDown(f"Redis did not answer within {self.timeout} s"))
+                return
+            else:
+                await trio.sleep_until(self._waiters[0].deadline)
 
     def _deliver(self, reply: Any) -> None:
         if not self._waiters:
@@ -199,8 +215,6 @@ class RedisLink:
         waiter = _Waiter(
             trio.lowlevel.current_task(), name, wanted, trio.current_time() + self.timeout
         )
-        if not self._waiters and self._read_scope is not None:
-            self._read_scope.deadline = waiter.deadline
         self._waiters.append(waiter)
         for chunk in chunks:
             self._outgoing += chunk
@@ -231,15 +245,15 @@ class RedisLink:
         """Write everything queued, including what is queued meanwhile."""
         self._writing = True
         try:
-            # Shielded: a half-written command would corrupt the stream. A
-            # stalled Redis cannot hold this forever, because the reader's
-            # deadline breaks the link and closes the stream under it.
-            with trio.CancelScope(shield=True):
-                while self._outgoing and self._error is None:
-                    data, self._outgoing = self._outgoing, bytearray()
-                    await self._stream.send_all(data)
+            while self._outgoing and self._error is None:
+                data, self._outgoing = self._outgoing, bytearray()
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.fail(LinkDown(f"sending to Redis failed: {exc}"))
+        except BaseException:
+            # Cancelled with the write half done: the stream is corrupt.
+            self.fail(LinkDown("a write to Redis was interrupted"))
+            raise
         finally:
             self._writing = False
 

@@ -17,6 +17,7 @@ connections.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from redis.exceptions import AuthenticationError, ConnectionError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from ..config import Config, ConfigError
+from ..sockio import SocketIO
 from .redis_link import RedisLink
 
 __all__ = ["RedisTarget", "open_link"]
@@ -225,15 +227,22 @@ async def open_link(
     return link
 
 
-async def _open_stream(target: RedisTarget, address: tuple[str, int] | str) -> trio.abc.Stream:
+async def _open_stream(target: RedisTarget, address: tuple[str, int] | str) -> Any:
+    """A stream to Redis: trio's SSLStream for TLS, else a ``SocketIO``."""
     try:
         if isinstance(address, str):
-            return await trio.open_unix_socket(address)
-        host, port = address
-        if target.tls is not None:
-            return await trio.open_ssl_over_tcp_stream(
-                host, port, ssl_context=target.tls, https_compatible=False
-            )
-        return await trio.open_tcp_stream(host, port)
+            opened = await trio.open_unix_socket(address)
+        else:
+            host, port = address
+            if target.tls is not None:
+                return await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=target.tls, https_compatible=False
+                )
+            opened = await trio.open_tcp_stream(host, port)  # TCP_NODELAY set
     except OSError as exc:
         raise ConnectionError(f"cannot connect to {target.describe()}: {exc}") from exc
+    # trio opened it (resolving names, trying every address); from here on
+    # the link drives the socket itself.
+    trio_socket = opened.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    return SocketIO(socket.socket(family, kind, proto, fileno=trio_socket.detach()))
