@@ -188,6 +188,31 @@ def test_metrics_and_health_over_http(sock_path: str) -> None:
         daemon.close()
 
 
+def test_a_metrics_port_in_use_stops_the_daemon_at_start(sock_path: str) -> None:
+    """WKSD_METRICS_ADDR on a taken port: one log line and exit 69, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "wksd",
+                "--socket",
+                sock_path,
+                "--metrics-addr",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 69
+    assert "cannot serve" in done.stdout and "Traceback" not in done.stdout + done.stderr
+    assert not os.path.exists(sock_path)
+
+
 def test_health_over_http_is_503_when_unhealthy(sock_path: str) -> None:
     """A memory store at its bound makes /health answer 503 for probes."""
     port = free_port()

@@ -26,7 +26,7 @@ from .access import AccessPolicy
 from .clock import Clock, SystemClock
 from .config import Config
 from .domain import Documents, Locks, Workflows
-from .http import serve_http
+from .http import bind_http, serve_http
 from .keys import KeySpace
 from .methods import (
     Dispatcher,
@@ -103,6 +103,7 @@ class Daemon:
         self.locks = Locks(self.store, keys, self.clock)
         self.dispatcher = Dispatcher(self._methods(), self.metrics)
         self._listen_socket = listen_socket
+        self._http_socket: socket.socket | None = None
         self._owns_path = False
         self.notifier = notifier or Notifier()
         if self.failover is not None:
@@ -240,7 +241,10 @@ class Daemon:
 
     # -- running -------------------------------------------------------------------
     def listen(self) -> None:
-        """Take the socket systemd passed, or bind our own; errors surface here."""
+        """Take the socket systemd passed, or bind our own, and bind the metrics
+        port if asked; errors (a path or port in use) surface here, as OSError."""
+        if self.config.metrics_addr is not None and self._http_socket is None:
+            self._http_socket = bind_http(self.config.metrics_addr)
         if self._listen_socket is not None:
             return
         inherited = inherited_socket()
@@ -276,9 +280,11 @@ class Daemon:
                     await nursery.start(self.failover.run)
                 if config.cleanup_interval:
                     nursery.start_soon(self._cleanup_forever)
+                if self._http_socket is not None:
+                    # Before the socket answers: once a client is served,
+                    # /health is up too.
+                    await nursery.start(serve_http, self._http_socket, self)
                 await nursery.start(server.serve, sock)
-                if config.metrics_addr is not None:
-                    await nursery.start(serve_http, config.metrics_addr, self)
                 if self.failover is not None:
                     # READY says where data goes: give Redis one connection
                     # attempt's time first (memory serves meanwhile).
@@ -309,6 +315,8 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self._stop_listening(sock)
+            if self._http_socket is not None:
+                self._http_socket.close()
         log.info("stopped")
 
     def _stop_listening(self, sock: socket.socket) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from functools import partial
 from typing import Any, Final, Protocol
 
@@ -18,10 +19,12 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["serve_http"]
+__all__ = ["bind_http", "serve_http"]
 
 #: A probe's request line and headers fit in far less; a larger one is not a probe.
 MAX_REQUEST_BYTES: Final = 8192
+#: Scrapers and probes come one or two at a time.
+LISTEN_BACKLOG: Final = 16
 #: Seconds a client has to send its request before the connection is dropped,
 #: so idle connections cannot pile up.
 REQUEST_TIMEOUT: Final = 5.0
@@ -35,15 +38,29 @@ class _Observable(Protocol):
     async def metrics_text(self) -> str: ...
 
 
+def bind_http(address: tuple[str, int]) -> socket.socket:
+    """Bind the metrics port now, so a port in use stops the daemon at start."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_http(
-    address: tuple[str, int],
+    sock: socket.socket,
     daemon: _Observable,
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    host, port = address
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    await trio.serve_listeners(partial(_handle, daemon), listeners, task_status=task_status)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await trio.serve_listeners(partial(_handle, daemon), [listener], task_status=task_status)
 
 
 async def _handle(daemon: _Observable, stream: trio.SocketStream) -> None:
