@@ -275,6 +275,34 @@ async def test_copies_make_way_but_outage_writes_do_not(
     assert kept == [{}] * 10
 
 
+async def test_requests_at_start_wait_for_the_first_connection(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A lock taken the moment the daemon starts is taken in Redis, not in memory alone."""
+    store = FailoverStore(
+        MemoryStore(), RedisTarget(port=redis_server.port), KEYS, Metrics(), timeout=TIMEOUT
+    )
+    await nursery.start(store.run)  # returns before the connection is made
+    assert store.backend == "memory"
+    outcome = await store.lock_acquire(KEYS, "e1", "early", 60_000)
+    assert outcome.acquired and store.pending_writes == 0
+    with redis_server.client() as direct:
+        assert direct.get("wks:lock:execution:e1") == b"early"
+
+
+async def test_requests_at_start_fall_back_when_redis_is_down(nursery: trio.Nursery) -> None:
+    """With no Redis at all, the first requests are served from memory, without an error."""
+    from .redis_server import free_port
+
+    store = FailoverStore(
+        MemoryStore(), RedisTarget(port=free_port()), KEYS, Metrics(), timeout=TIMEOUT
+    )
+    await nursery.start(store.run)
+    with trio.fail_after(TIMEOUT * 10):
+        await store.set("wks:session:u", b"{}", 60_000)
+    assert store.backend == "memory" and store.pending_writes == 1
+
+
 def test_journal_keeps_a_change_made_while_writing_back() -> None:
     """Settling an old version of an entry that changed again keeps the new change."""
     journal = Journal()

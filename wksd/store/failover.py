@@ -189,15 +189,29 @@ class FailoverStore:
             self._metrics.redis_connection_status.set(0)
             self._switch(None)
 
-    async def _writer(self) -> RedisStore | None:
-        """Where a write goes: Redis, or memory (None); waits out a final phase."""
-        while self._redis is None and self._switching is not None:
-            await self._switching.wait()
+    async def _reader(self) -> RedisStore | None:
+        """Where a read goes: Redis, or memory (None).
+
+        While the first connection attempt is under way a request waits for it
+        (at most twice the timeout) instead of taking memory's word: at start
+        memory knows nothing, and a lock granted there would be local only.
+        """
+        if self._redis is None and not self._first_attempt.is_set():
+            with trio.move_on_after(2 * self._timeout):
+                await self._first_attempt.wait()
         return self._redis
+
+    async def _writer(self) -> RedisStore | None:
+        """Where a write goes: as ``_reader``, and it also waits out a final phase."""
+        redis = await self._reader()
+        while redis is None and self._switching is not None:
+            await self._switching.wait()
+            redis = self._redis
+        return redis
 
     # -- the Store interface -----------------------------------------------------
     async def get(self, key: str) -> bytes | None:
-        redis = self._redis
+        redis = await self._reader()
         if redis is not None:
             try:
                 return await redis.get(key)
@@ -206,7 +220,7 @@ class FailoverStore:
         return await self._memory.get(key)
 
     async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
-        redis = self._redis
+        redis = await self._reader()
         if redis is not None:
             try:
                 return await redis.get_with_ttl(key)
@@ -215,7 +229,7 @@ class FailoverStore:
         return await self._memory.get_with_ttl(key)
 
     async def members(self, key: str) -> list[str]:
-        redis = self._redis
+        redis = await self._reader()
         if redis is not None:
             try:
                 return await redis.members(key)
@@ -226,7 +240,7 @@ class FailoverStore:
     async def workflow_snapshot(
         self, keys: KeySpace, finished_since: int | None
     ) -> WorkflowSnapshot:
-        redis = self._redis
+        redis = await self._reader()
         if redis is not None:
             try:
                 return await redis.workflow_snapshot(keys, finished_since)
