@@ -33,7 +33,12 @@ class RedisServer:
     """One redis-server on 127.0.0.1:``port``, data in ``directory``."""
 
     def __init__(
-        self, directory: Path, *args: str, port: int | None = None, sentinel: bool = False
+        self,
+        directory: Path,
+        *args: str,
+        port: int | None = None,
+        sentinel: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.binary = require_binary("redis-server")
         self.directory = directory
@@ -41,6 +46,7 @@ class RedisServer:
         self.port = port or free_port()
         self.args = args
         self.sentinel = sentinel
+        self.tls = tls  # (certificate, key): serve TLS only, on ``port``
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,6 +84,22 @@ class RedisServer:
                 "no",
                 *self.args,
             ]
+            if self.tls is not None:
+                cert, key = map(str, self.tls)
+                command += [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    str(self.port),
+                    "--tls-cert-file",
+                    cert,
+                    "--tls-key-file",
+                    key,
+                    "--tls-ca-cert-file",
+                    cert,
+                    "--tls-auth-clients",
+                    "no",
+                ]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -91,12 +113,12 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
-                with self.client() as probe:
+                with self.client(socket_timeout=1, socket_connect_timeout=1) as probe:
                     probe.ping()
                 return
             except redis.exceptions.AuthenticationError:
                 return  # up, and wants a password
-            except redis.exceptions.ConnectionError:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 assert self.process is not None
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"redis-server on {self.port} did not start") from None
@@ -109,7 +131,10 @@ class RedisServer:
         hide what the test is looking at (and slow the start-up polling).
         """
         options.setdefault("retry", Retry(NoBackoff(), 0))
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **options)
+        options.setdefault("socket_timeout", 5)
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls[0]))
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
     def kill(self) -> None:
         """SIGKILL: gone at once, without a word to its clients."""

@@ -8,6 +8,7 @@ restart Redis".
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import redis
 
 from clientlib import Client
 
-from .processes import DaemonProcess
+from .processes import DaemonProcess, require_binary
 from .redis_server import RedisServer, free_port
 
 #: WKSD_REDIS_TIMEOUT for these tests: short, so an outage is noticed fast.
@@ -342,6 +343,49 @@ def test_password_from_a_systemd_credential(
         )
         wait_until(lambda: redis_status(bad.path) == "error", what="status error")
         assert "wrong" not in bad.output and "from-credential" not in good.output
+    finally:
+        server.stop()
+
+
+def test_rediss_url_connects_over_tls(
+    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+) -> None:
+    """rediss:// with a CA connects over TLS; the data lands in Redis as usual."""
+    openssl = require_binary("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    server = RedisServer(tmp_path / "tls", tls=(cert, key)).start()
+    try:
+        url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"
+        daemon = daemon_on(redis_env(url))
+        wait_until(lambda: backend(daemon.path) == "redis", what="TLS link serving")
+        with Client(daemon.path) as c:
+            c.set_session("over-tls", {"ok": True})
+        with server.client() as direct:
+            assert json.loads(direct.get("wks:session:over-tls")) == {"ok": True}
+            assert [entry.get("name") for entry in direct.client_list()].count("wksd") == 1
     finally:
         server.stop()
 
