@@ -58,3 +58,33 @@ class KeySpace:
     def fencing(self) -> str:
         """One counter for every lock: each fresh acquisition takes the next value."""
         return f"{self.prefix}lock:fencing"
+
+    def cache_meta(self, key: str) -> str:
+        """When a cached value stops being fresh (epoch ms), for stale-while-revalidate."""
+        return f"{self.prefix}cache:meta:{key}"
+
+    def cache_lease(self, key: str) -> str:
+        """Who computes a missing value, cluster-wide (a short lock)."""
+        return f"{self.prefix}cache:lease:{key}"
+
+    def events(self, execution_id: str | None) -> str:
+        """STREAM of workflow events: one execution's, or (None) every execution's."""
+        if execution_id is None:
+            return f"{self.prefix}events:workflows"
+        return f"{self.prefix}events:workflow:{execution_id}"
+
+    # -- pub/sub channels between the daemons sharing a Redis --------------
+    @property
+    def lock_channel(self) -> str:
+        """Messages: an execution id whose lock was just released."""
+        return f"{self.prefix}channel:lock-released"
+
+    @property
+    def workflow_channel(self) -> str:
+        """Messages: {"origin": daemon, "event": workflow event} as JSON."""
+        return f"{self.prefix}channel:workflow-events"
+
+    @property
+    def cache_channel(self) -> str:
+        """Messages: a cache key that was just filled or abandoned."""
+        return f"{self.prefix}channel:cache-filled"

@@ -34,6 +34,12 @@ __all__ = [
     "WrongType",
 ]
 
+#: How many events an execution's history keeps, and the all-executions one.
+#: Enough to replay a long workflow's progress; bounded so a chatty one cannot
+#: grow without end (Redis trims approximately, a little above these).
+EVENTS_PER_EXECUTION = 1000
+EVENTS_IN_ALL = 10_000
+
 # Outcomes of lock_release and lock_extend, as the wire names them.
 RELEASED = "released"
 EXTENDED = "extended"
@@ -129,4 +135,31 @@ class Store(Protocol):
         self, keys: KeySpace, finished_since: int | None
     ) -> WorkflowSnapshot:
         """Active states, plus finished ones since ``finished_since`` (ms) if given."""
+        ...
+
+    # -- coordination (wksd's own keys; see docs/protocol-extensions.md) ----
+    async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        """SET NX PX: True when this call created the key."""
+        ...
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        """Delete ``key`` only if it still holds ``value`` (an owner-checked release)."""
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        """Tell the other daemons sharing Redis; nothing to do without Redis."""
+        ...
+
+    async def record_event(
+        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+    ) -> None:
+        """Append an event to its execution's history and to the all-executions one."""
+        ...
+
+    async def read_events(
+        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
+    ) -> list[bytes]:
+        """Recorded events with a time after ``since_ms``, oldest first, at most ``limit``."""
         ...

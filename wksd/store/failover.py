@@ -367,6 +367,66 @@ class FailoverStore:
             self._journal.note("workflow", swap.execution_id)
         return done
 
+    # -- coordination: routed, never journaled ---------------------------------
+    # Leases and pub/sub are about this moment, and event history written
+    # during an outage stays in this daemon's memory (README, Decisions).
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        redis = await self._reader()
+        if redis is not None:
+            try:
+                return await redis.get_many(keys)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.get_many(keys)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        redis = await self._writer()
+        if redis is not None:
+            try:
+                return await redis.set_if_absent(key, value, ttl_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.set_if_absent(key, value, ttl_ms)
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        redis = await self._writer()
+        if redis is not None:
+            try:
+                return await redis.delete_if_equal(key, value)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.delete_if_equal(key, value)
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        redis = self._redis
+        if redis is not None:
+            try:
+                await redis.publish(channel, message)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+
+    async def record_event(
+        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+    ) -> None:
+        redis = await self._writer()
+        if redis is not None:
+            try:
+                return await redis.record_event(keys, execution_id, event, at_ms, retain_ms)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        await self._memory.record_event(keys, execution_id, event, at_ms, retain_ms)
+
+    async def read_events(
+        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
+    ) -> list[bytes]:
+        redis = await self._reader()
+        if redis is not None:
+            try:
+                return await redis.read_events(keys, execution_id, since_ms, limit)
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await self._memory.read_events(keys, execution_id, since_ms, limit)
+
     def _note_lock(self, execution_id: str, owner: str) -> None:
         self._journal.lock_owners[execution_id] = owner
         self._journal.note("lock", execution_id)

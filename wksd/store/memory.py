@@ -34,7 +34,7 @@ which is exactly what the composite primitives need.
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, MutableSet
 from itertools import islice
 from typing import Final
@@ -46,6 +46,8 @@ from clientlib.errors import Full
 from ..clock import Clock, SystemClock
 from ..keys import KeySpace
 from .base import (
+    EVENTS_IN_ALL,
+    EVENTS_PER_EXECUTION,
     EXTENDED,
     NOT_FOUND,
     NOT_OWNER,
@@ -61,6 +63,10 @@ __all__ = ["SWEEP_SLICE", "MemoryStore"]
 #: Keys examined per sweeper slice before yielding to the event loop: about
 #: a millisecond of work, so requests wait at most that long behind a sweep.
 SWEEP_SLICE: Final = 1000
+
+#: Executions whose event history memory keeps; the longest quiet goes first.
+#: With EVENTS_PER_EXECUTION each, this bounds the histories' memory.
+MAX_EVENT_LOGS: Final = 10_000
 
 Value = bytes | MutableSet[str] | dict[str, int]
 
@@ -83,6 +89,10 @@ class MemoryStore:
         # Eviction order, oldest first: API-cache entries, then clean copies.
         self._cache_keys: OrderedDict[str, None] = OrderedDict()
         self._clean_keys: OrderedDict[str, None] = OrderedDict()
+        # Workflow event histories: per execution, and all (bounded deques).
+        self._event_logs: OrderedDict[str, deque[tuple[int, bytes]]] = OrderedDict()
+        self._event_expiry: dict[str, int] = {}
+        self._all_events: deque[tuple[int, bytes]] = deque(maxlen=EVENTS_IN_ALL)
         #: Keys removed because their TTL ran out (lazily or by the sweeper).
         self.expired = 0
         #: API-cache entries dropped to make room.
@@ -219,6 +229,53 @@ class MemoryStore:
                     if state is not None:
                         finished.append(state)
         return WorkflowSnapshot(active, finished)
+
+    # -- coordination ----------------------------------------------------------
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        now = self._now()
+        return [self._string(key, now) for key in keys]
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        now = self._now()
+        if self._alive(key, now) is not None:
+            return False
+        self._reserve((key,), now)
+        self._put(key, value, ttl_ms, now)
+        return True
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        if self._string(key, self._now()) != value:
+            return False
+        self._remove(key)
+        return True
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        return None  # one daemon, no Redis: nobody else to tell
+
+    async def record_event(
+        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+    ) -> None:
+        log = self._event_logs.pop(execution_id, None)
+        if log is None:
+            log = deque(maxlen=EVENTS_PER_EXECUTION)
+            while len(self._event_logs) >= MAX_EVENT_LOGS:
+                self._event_logs.popitem(last=False)  # the longest-quiet execution
+        log.append((at_ms, event))
+        self._event_logs[execution_id] = log  # most recently active last
+        self._event_expiry[execution_id] = self._now() + retain_ms
+        self._all_events.append((at_ms, event))
+
+    async def read_events(
+        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
+    ) -> list[bytes]:
+        if execution_id is None:
+            log: Iterable[tuple[int, bytes]] = self._all_events
+        else:
+            if self._event_expiry.get(execution_id, 0) <= self._now():
+                self._event_logs.pop(execution_id, None)
+                self._event_expiry.pop(execution_id, None)
+            log = self._event_logs.get(execution_id, ())
+        return [event for at, event in log if at > since_ms][:limit]
 
     # -- copies of what Redis holds (see the module docstring) ---------------
     def mirror_set(self, key: str, value: bytes, ttl_ms: int | None) -> None:

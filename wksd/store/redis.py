@@ -14,13 +14,21 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from ..keys import KeySpace
-from .base import LockOutcome, WorkflowSnapshot, WorkflowSwap
+from .base import (
+    EVENTS_IN_ALL,
+    EVENTS_PER_EXECUTION,
+    LockOutcome,
+    WorkflowSnapshot,
+    WorkflowSwap,
+)
 from .redis_link import RedisLink
 from .scripts import (
+    DELETE_IF_EQUAL,
     LOCK_ACQUIRE,
     LOCK_EXTEND,
     LOCK_RELEASE,
     RAISE_COUNTER,
+    RECORD_EVENT,
     RESTORE_LOCK,
     RESTORE_WORKFLOW,
     SCRIPTS,
@@ -141,6 +149,36 @@ class RedisStore:
         )
         active = sorted(zip((_text(i) for i in ids), states, strict=True))
         return WorkflowSnapshot(active, list(finished))
+
+    # -- coordination ----------------------------------------------------------
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return await self.link.execute("MGET", *keys)  # type: ignore[no-any-return]
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
+        return bool(await self.link.execute("SET", key, value, "NX", "PX", ttl_ms))
+
+    async def delete_if_equal(self, key: str, value: bytes) -> bool:
+        return bool(await self._run(DELETE_IF_EQUAL, [key], [value]))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self.link.execute("PUBLISH", channel, message)
+
+    async def record_event(
+        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+    ) -> None:
+        await self._run(
+            RECORD_EVENT,
+            [keys.events(execution_id), keys.events(None)],
+            [at_ms, event, EVENTS_PER_EXECUTION, EVENTS_IN_ALL, retain_ms],
+        )
+
+    async def read_events(
+        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
+    ) -> list[bytes]:
+        entries = await self.link.execute(
+            "XRANGE", keys.events(execution_id), max(since_ms + 1, 0), "+", "COUNT", limit
+        )
+        return [dict(zip(fields[::2], fields[1::2], strict=True))[b"e"] for _, fields in entries]
 
     # -- reconciliation after an outage ---------------------------------------
     async def restore_plain(self, key: str, value: bytes | None, ttl_ms: int | None) -> str:

@@ -33,7 +33,7 @@ from ..config import Config, ConfigError
 from ..sockio import SocketIO
 from .redis_link import RedisLink
 
-__all__ = ["RedisTarget", "open_link"]
+__all__ = ["RedisTarget", "open_link", "open_stream"]
 
 #: The name wksd gives its connection (CLIENT SETNAME), so an operator can
 #: count them in CLIENT LIST.
@@ -199,11 +199,7 @@ async def open_link(
     Raises redis-py's ``ConnectionError`` (or ``AuthenticationError``, a
     subclass) when Redis cannot be reached or refuses us.
     """
-    with trio.move_on_after(command_timeout) as connecting:
-        address = await target.locate(command_timeout)
-        stream = await _open_stream(target, address)
-    if connecting.cancelled_caught:
-        raise ConnectionError(f"connecting to {target.describe()} took over {command_timeout} s")
+    stream = await open_stream(target, command_timeout)
     link = RedisLink(stream, command_timeout, metrics)
     await nursery.start(link.run)
     handshake: list[list[Any]] = []
@@ -223,8 +219,16 @@ async def open_link(
             raise ConnectionError(f"Redis refused the handshake: {reply}")
     if target.sentinels and replies[-1][0] != b"master":
         link.fail(WrongRole("not the master"))
-        raise WrongRole(f"{address} is a {replies[-1][0].decode()}, not the master")
+        raise WrongRole(f"the node Sentinel named is a {replies[-1][0].decode()}, not the master")
     return link
+
+
+async def open_stream(target: RedisTarget, connect_timeout: float) -> Any:
+    """Find the node (asking the Sentinels if any) and connect, within the timeout."""
+    with trio.move_on_after(connect_timeout):
+        address = await target.locate(connect_timeout)
+        return await _open_stream(target, address)
+    raise ConnectionError(f"connecting to {target.describe()} took over {connect_timeout} s")
 
 
 async def _open_stream(target: RedisTarget, address: tuple[str, int] | str) -> Any:

@@ -17,10 +17,12 @@ import hashlib
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DELETE_IF_EQUAL",
     "LOCK_ACQUIRE",
     "LOCK_EXTEND",
     "LOCK_RELEASE",
     "RAISE_COUNTER",
+    "RECORD_EVENT",
     "RESTORE_LOCK",
     "RESTORE_WORKFLOW",
     "SCRIPTS",
@@ -224,6 +226,42 @@ return counter
 """,
 )
 
+# KEYS[1] a key; ARGV[1] a value. Deletes the key only if it holds the value:
+# a lease or lock released by its owner only, never by a latecomer.
+# -> 1 when deleted, 0 otherwise.
+DELETE_IF_EQUAL = Script(
+    "delete_if_equal",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+""",
+)
+
+# KEYS[1] the execution's event stream, KEYS[2] the all-executions stream
+# ARGV[1] the event's time (ms), ARGV[2] the event (JSON)
+# ARGV[3] length kept per execution, ARGV[4] length kept for all, ARGV[5] the
+#         execution stream's TTL in ms (it goes with the workflow state)
+# The entry id is "<time>-*" so XRANGE by time finds it; when that is not
+# after the stream's last id (another daemon's clock ran ahead), Redis picks
+# the id ("*"). -> 1
+RECORD_EVENT = Script(
+    "record_event",
+    """
+local function add(key, maxlen)
+  local ok = pcall(redis.call, 'XADD', key, 'MAXLEN', '~', maxlen, ARGV[1] .. '-*', 'e', ARGV[2])
+  if not ok then
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[2])
+  end
+end
+add(KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+add(KEYS[2], ARGV[4])
+return 1
+""",
+)
+
 SCRIPTS = (
     LOCK_ACQUIRE,
     LOCK_RELEASE,
@@ -233,4 +271,6 @@ SCRIPTS = (
     RESTORE_WORKFLOW,
     RESTORE_LOCK,
     RAISE_COUNTER,
+    DELETE_IF_EQUAL,
+    RECORD_EVENT,
 )
