@@ -23,6 +23,7 @@ from wksd.store.memory import MemoryStore
 from wksd.store.redis import RedisStore
 from wksd.store.redis_target import RedisTarget, open_link
 
+from .peers import connect  # noqa: F401 - the raw-connection fixture, for every module
 from .processes import DaemonProcess
 from .redis_server import RedisServer
 

@@ -23,7 +23,7 @@ async def call(daemon: Daemon, method: str, *params: Any, **options: Any) -> Any
 
 
 def test_every_design_method_is_in_the_table(daemon: Daemon) -> None:
-    """The table holds exactly the methods of DESIGN section 3."""
+    """The table holds DESIGN section 3's methods plus docs/protocol-extensions.md's."""
     assert set(daemon.dispatcher.methods) == {
         "ping",
         "health",
@@ -47,7 +47,20 @@ def test_every_design_method_is_in_the_table(daemon: Daemon) -> None:
         "lock.release",
         "lock.extend",
         "lock.status",
+        # extensions
+        "workflow.subscribe",
+        "workflow.unsubscribe",
+        "workflow.events",
+        "cache.lease",
+        "cache.fill",
+        "cache.abandon",
     }
+
+
+async def test_connection_methods_need_a_connection(daemon: Daemon) -> None:
+    """A method tied to its connection (keepalive, subscribe) is refused without one."""
+    with pytest.raises(BadRequest, match="needs a connection"):
+        await call(daemon, "workflow.subscribe")
 
 
 async def test_identifier_of_exactly_256_bytes_passes_and_257_fails(daemon: Daemon) -> None:

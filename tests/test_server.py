@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -14,10 +14,12 @@ import structlog
 import trio
 import trio.testing
 
-from clientlib.protocol import NEED_DATA, Decoder, Notification, Response, encode_request
+from clientlib.protocol import Notification, Response, encode_request
 from wksd.app import Daemon
 from wksd.config import Config
 from wksd.server import AddressInUse, bind_unix_socket
+
+from .peers import Connect
 
 
 async def start_daemon(nursery: trio.Nursery, path: str, **settings: Any) -> Daemon:
@@ -31,52 +33,6 @@ async def daemon(nursery: trio.Nursery, sock_path: str) -> AsyncIterator[Daemon]
     daemon = await start_daemon(nursery, sock_path, max_message_bytes=65536)
     yield daemon
     daemon.shutdown()
-
-
-class Peer:
-    """A raw client: bytes out, decoded messages in."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.decoder = Decoder(64 * 1024 * 1024)
-
-    async def request(self, msgid: int, method: str, *params: Any) -> None:
-        await self.stream.send_all(encode_request(msgid, method, list(params)))
-
-    async def next(self) -> Any:
-        """The next message, or None at end of stream."""
-        while True:
-            event = self.decoder.next_event()
-            if event is not NEED_DATA:
-                return event
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.decoder.receive_data(data)
-
-    async def call(self, method: str, *params: Any) -> Response:
-        await self.request(1, method, *params)
-        response = await self.next()
-        assert isinstance(response, Response)
-        return response
-
-
-Connect = Callable[[], Awaitable[Peer]]
-
-
-@pytest.fixture
-async def connect(sock_path: str) -> AsyncIterator[Connect]:
-    """Opens raw connections to the daemon; all are closed after the test."""
-    opened: list[Peer] = []
-
-    async def open_peer() -> Peer:
-        peer = Peer(await trio.open_unix_socket(sock_path))
-        opened.append(peer)
-        return peer
-
-    yield open_peer
-    for peer in opened:
-        await peer.stream.aclose()
 
 
 async def read_to_eof(stream: trio.SocketStream) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import time
 from typing import Any
@@ -23,20 +24,27 @@ from clientlib.errors import RemoteError
 
 from . import __version__
 from .access import AccessPolicy
+from .cacheflight import CacheFlight
 from .clock import Clock, SystemClock
 from .config import Config
 from .domain import Documents, Locks, Workflows
+from .events import MAX_HISTORY, EventHub
 from .http import bind_http, serve_http
 from .keys import KeySpace
+from .locking import LockService
 from .methods import (
+    MAX_TTL_SECONDS,
     Dispatcher,
     Method,
     Param,
     anything,
+    bounded,
     finish_status,
+    flag,
     identifier,
     integer,
     mapping,
+    seconds,
     text,
     ttl,
 )
@@ -45,6 +53,7 @@ from .server import Server, bind_unix_socket
 from .store.base import Store
 from .store.failover import FailoverStore
 from .store.memory import MemoryStore
+from .store.redis_pubsub import Subscriber
 from .store.redis_target import RedisTarget
 from .systemd import Notifier, inherited_socket
 
@@ -55,6 +64,11 @@ log = structlog.get_logger("wksd")
 SESSION_TTL = 86400.0  # seconds (DESIGN section 4)
 CACHE_TTL = 3600.0
 LOCK_TTL = 300.0
+#: A computing caller's lease, and how long others wait for it by default:
+#: long enough for a slow API call, short enough that a hung one is replaced.
+LEASE_TTL = 30.0
+#: The longest a lock.acquire or cache.lease may wait: an hour.
+MAX_WAIT = 3600.0
 
 
 class Daemon:
@@ -101,6 +115,29 @@ class Daemon:
             self.store, keys, self.clock, stale_after=config.workflow_stale_after
         )
         self.locks = Locks(self.store, keys, self.clock)
+        # Coordination beyond the seed (docs/protocol-extensions.md).
+        self.origin = secrets.token_hex(6)  # tells this daemon's pub/sub messages apart
+        self.lock_service = LockService(self.locks, self.store, keys)
+        self.events = EventHub(
+            self.store, keys, origin=self.origin, retain_ms=self.workflows.running_ttl_ms
+        )
+        self.workflows.on_change = self.events.emit
+        self.cache_flight = CacheFlight(self.store, keys, self.clock)
+        self.metrics.observe_coordination(self)
+        self.subscriber = (
+            None
+            if redis is None
+            else Subscriber(
+                redis,
+                {
+                    keys.lock_channel: self.lock_service.on_release_message,
+                    keys.workflow_channel: self.events.on_message,
+                    keys.cache_channel: self.cache_flight.on_message,
+                },
+                timeout=config.redis_timeout,
+                backoff_max=config.redis_retry_max,
+            )
+        )
         self.dispatcher = Dispatcher(self._methods(), self.metrics)
         self._listen_socket = listen_socket
         self._http_socket: socket.socket | None = None
@@ -143,11 +180,14 @@ class Daemon:
             status = "degraded"
         else:
             status = "healthy"
+        redis_check: dict[str, Any] = {"status": redis_status, "latency": latency}
+        if self.subscriber is not None:
+            redis_check["pubsub"] = "up" if self.subscriber.subscribed.is_set() else "down"
         return {
             "status": status,
             "backend": backend,
             "checks": {
-                "redis": {"status": redis_status, "latency": latency},
+                "redis": redis_check,
                 "memory": {
                     "status": "full" if self.memory.full else "up",
                     "keys": len(self.memory),
@@ -226,10 +266,70 @@ class Daemon:
             Method("workflow.active_detailed", (), workflows.active_detailed),
             Method("workflow.stats", (), workflows.stats),
             Method("workflow.cleanup", (), self._cleanup, admin=True),
-            Method("lock.acquire", (execution, worker, Param("ttl", ttl, LOCK_TTL)), locks.acquire),
-            Method("lock.release", (execution, worker), locks.release),
+            Method(
+                "lock.acquire",
+                (
+                    execution,
+                    worker,
+                    Param("ttl", ttl, LOCK_TTL),
+                    Param("keepalive", flag, False),
+                    Param("wait", seconds(MAX_WAIT), 0.0),
+                ),
+                self.lock_service.acquire,
+                session=True,
+            ),
+            Method("lock.release", (execution, worker), self.lock_service.release, session=True),
             Method("lock.extend", (execution, worker, Param("ttl", ttl, LOCK_TTL)), locks.extend),
             Method("lock.status", (execution,), locks.status),
+            Method(
+                "workflow.subscribe",
+                (Param("execution_id", identifier, None),),
+                self.events.subscribe,
+                session=True,
+            ),
+            Method(
+                "workflow.unsubscribe",
+                (Param("execution_id", identifier, None),),
+                self.events.unsubscribe,
+                session=True,
+            ),
+            Method(
+                "workflow.events",
+                (
+                    Param("execution_id", identifier, None),
+                    Param("since_ms", integer(0), None),
+                    Param("limit", bounded(1, MAX_HISTORY), 100),
+                ),
+                self.events.history,
+            ),
+            Method(
+                "cache.lease",
+                (
+                    Param("key", identifier),
+                    Param("lease_ttl", ttl, LEASE_TTL),
+                    Param("wait", seconds(MAX_WAIT), LEASE_TTL),
+                ),
+                self.cache_flight.lease,
+                session=True,
+            ),
+            Method(
+                "cache.fill",
+                (
+                    Param("key", identifier),
+                    Param("token", identifier),
+                    Param("value", anything),
+                    Param("ttl", ttl, CACHE_TTL),
+                    Param("stale_ttl", seconds(MAX_TTL_SECONDS), 0.0),
+                ),
+                self.cache_flight.fill,
+                session=True,
+            ),
+            Method(
+                "cache.abandon",
+                (Param("key", identifier), Param("token", identifier), Param("error", text, None)),
+                self.cache_flight.abandon,
+                session=True,
+            ),
         ]
 
     async def _cleanup(self) -> dict[str, int]:
@@ -276,6 +376,9 @@ class Daemon:
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sweep_forever)
+                await nursery.start(self.lock_service.run)
+                if self.subscriber is not None:
+                    await nursery.start(self.subscriber.run)
                 if self.failover is not None:
                     await nursery.start(self.failover.run)
                 if config.cleanup_interval:

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -23,7 +23,7 @@ from .domain.values import MAX_TEXT_BYTES
 from .domain.workflows import FINISHED
 from .metrics import Metrics
 
-__all__ = ["Dispatcher", "Method", "Param"]
+__all__ = ["Dispatcher", "Later", "Method", "Param", "Session"]
 
 log = structlog.get_logger("wksd.methods")
 
@@ -39,6 +39,37 @@ _REQUIRED: Final = object()
 Check = Callable[[str, Any], Any]
 
 
+class Session(Protocol):
+    """What a handler may know of the connection a request came on."""
+
+    @property
+    def id(self) -> int: ...
+
+    def push(self, method: str, params: list[Any]) -> None:
+        """Queue a notification to this client; never blocks."""
+        ...
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` when the connection closes (in the order registered)."""
+        ...
+
+
+class Later:
+    """A handler's answer that is not ready yet: a blocking wait.
+
+    The request has been applied in order (the waiter is queued); the server
+    answers it when ``wait()`` returns, while it goes on with the
+    connection's later requests. If the connection is drained first, it
+    answers ``give_up()`` instead, at once.
+    """
+
+    __slots__ = ("give_up", "wait")
+
+    def __init__(self, wait: Callable[[], Awaitable[Any]], give_up: Callable[[], Any]) -> None:
+        self.wait = wait
+        self.give_up = give_up
+
+
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
@@ -52,6 +83,8 @@ class Method:
     params: tuple[Param, ...]
     handler: Callable[..., Awaitable[Any]]
     admin: bool = False
+    #: The handler's first argument is the connection's ``Session``.
+    session: bool = False
 
     def bind(self, raw: Sequence[Any], lenient: bool = False) -> list[Any]:
         """Check ``raw`` params against the signature; the typed arguments.
@@ -114,6 +147,32 @@ def anything(name: str, value: Any) -> Any:
     return value
 
 
+def flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false")
+    return value
+
+
+def seconds(high: float) -> Check:
+    """A duration from 0 up to ``high`` seconds (0 allowed: "do not wait")."""
+
+    def check(name: str, value: Any) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= high:
+            raise BadRequest(f"{name} must be a number of seconds from 0 to {high}")
+        return float(value)
+
+    return check
+
+
+def bounded(low: int, high: int) -> Check:
+    def check(name: str, value: Any) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise BadRequest(f"{name} must be an integer from {low} to {high}")
+        return value
+
+    return check
+
+
 def integer(low: int) -> Check:
     def check(name: str, value: Any) -> int:
         if type(value) is not int or not low <= value <= MAX_SAFE_INTEGER:
@@ -146,8 +205,9 @@ class Dispatcher:
         allowed: bool = True,
         admin: bool = True,
         lenient: bool = False,
+        session: Session | None = None,
     ) -> Any:
-        """Run one request; its result, or the ``RemoteError`` to answer with."""
+        """Run one request; its result (perhaps a ``Later``), or the ``RemoteError``."""
         started = time.perf_counter()
         method = self.methods.get(name)
         label = name if method is not None else "other"
@@ -159,7 +219,12 @@ class Dispatcher:
                 raise UnknownMethod(f"no method {name!r}")
             if method.admin and not admin:
                 raise Forbidden(f"{name} is for admins only")
-            return await method.handler(*method.bind(params, lenient))
+            args = method.bind(params, lenient)
+            if not method.session:
+                return await method.handler(*args)
+            if session is None:
+                raise BadRequest(f"{name} needs a connection of its own")
+            return await method.handler(session, *args)
         except RemoteError as exc:
             code = exc.code
             raise

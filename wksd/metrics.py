@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -79,6 +79,48 @@ class _MemoryCollector(Collector):
             "then copies of what Redis holds.",
             value=self._store.evicted,
         )
+
+
+class _Coordination(Protocol):
+    lock_service: Any
+    events: Any
+    cache_flight: Any
+
+
+class _CoordinationCollector(Collector):
+    def __init__(self, daemon: _Coordination) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        for name, help_text, value in (
+            (
+                "wksd_lock_waiters",
+                "lock.acquire requests waiting for a lock.",
+                daemon.lock_service.waiting,
+            ),
+            (
+                "wksd_keepalive_locks",
+                "Locks kept alive for their connections.",
+                daemon.lock_service.kept,
+            ),
+            (
+                "wksd_workflow_subscriptions",
+                "workflow.subscribe subscriptions open.",
+                daemon.events.subscriptions,
+            ),
+            (
+                "wksd_cache_flights",
+                "Missing cache values being computed.",
+                daemon.cache_flight.flights,
+            ),
+            (
+                "wksd_cache_waiters",
+                "Callers waiting for a value another caller computes.",
+                daemon.cache_flight.waiters,
+            ),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
 
 
 class RequestStats(Collector):
@@ -199,6 +241,10 @@ class Metrics:
     def observe_memory(self, store: _MemoryFigures) -> None:
         """Read the memory store's figures when scraped, not on every write."""
         self.registry.register(_MemoryCollector(store))
+
+    def observe_coordination(self, daemon: _Coordination) -> None:
+        """Waiters, keepalive locks, subscriptions and cache flights, read when scraped."""
+        self.registry.register(_CoordinationCollector(daemon))
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

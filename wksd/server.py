@@ -31,10 +31,13 @@ that crossed the notice on the wire, and closes. The daemon's deadline
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
 import socket as stdlib_socket
 import stat
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
@@ -58,7 +61,7 @@ from clientlib.textmode import (
 )
 
 from .access import AccessPolicy, Peer, peer_credentials
-from .methods import Dispatcher
+from .methods import Dispatcher, Later
 from .metrics import Metrics
 from .sockio import SocketIO, accept
 
@@ -78,6 +81,14 @@ FLUSH_BYTES: Final = 65536
 #: Pending connections the kernel queues for accept(); workers of one host
 #: reconnecting after a restart arrive in a burst.
 LISTEN_BACKLOG: Final = 1024
+
+#: Notifications queued for one client that is not reading, before the rest
+#: are dropped (and counted, and the count sent when it catches up).
+MAX_PUSH_BACKLOG: Final = 1000
+
+#: Seconds the close callbacks of one connection (releasing its keepalive
+#: locks, leases, ...) may take; Redis answers within its own timeout anyway.
+CLOSE_CALLBACK_TIMEOUT: Final = 5.0
 
 #: After the closing notice, how long a connection is still read: a request
 #: that crossed the notice is already in the socket buffer, or arrives within a
@@ -135,14 +146,24 @@ def bind_unix_socket(path: str, mode: int) -> stdlib_socket.socket:
 
 
 class _Connection:
-    """One client connection: its stream, its peer, and how it is being shut down.
+    """One client connection: its stream, its peer, its session state.
 
     The connection's task runs inside ``scope``. A drain cancels that scope
     only while the task waits for input (``waiting``), so nothing that was
-    read is ever interrupted; the goodbye then runs outside the scope.
+    read is ever interrupted; the goodbye then runs after it.
+
+    Besides the connection's own task, others may write to it: a blocking
+    request answered later (``Later``), and pushed notifications. ``send``
+    keeps their bytes from interleaving; ``push`` never blocks the pusher: a
+    client that does not read gets at most ``MAX_PUSH_BACKLOG`` notifications
+    queued, and is told how many were dropped beyond that.
     """
 
+    _ids = 0
+
     def __init__(self, stream: SocketIO, peer: Peer | None, policy: AccessPolicy) -> None:
+        _Connection._ids += 1
+        self.id = _Connection._ids
         self.stream = stream
         self.peer = peer
         self.allowed = peer is not None and policy.allows(peer)
@@ -156,6 +177,13 @@ class _Connection:
         self.ended = False  # end of input, or closed for a protocol error
         self.told_closing = False
         self.decoder: Decoder | None = None
+        self.tasks: trio.Nursery | None = None
+        self.laters: set[trio.CancelScope] = set()  # answers still waiting; drain cancels
+        self._sending = False
+        self._sent: trio.Event | None = None
+        self._pushes: trio.MemorySendChannel[bytes] | None = None
+        self._dropped = 0
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def receive(self) -> bytes:
         """The next bytes from the client, b"" at end of input."""
@@ -171,8 +199,72 @@ class _Connection:
     def drain(self) -> None:
         """Stop waiting for new requests (see the module docstring)."""
         self.draining = True
+        for scope in self.laters:  # waits give up and answer at once
+            scope.cancel()
         if self.waiting:
             self.scope.cancel()
+
+    async def send(self, data: bytes | bytearray) -> None:
+        """Write ``data`` whole, after any other task's write in progress."""
+        while self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
+        self._sending = True
+        try:
+            await self.stream.send_all(data)
+        finally:
+            self._sending = False
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
+
+    # -- the Session interface (wksd.methods.Session) ------------------------
+    def push(self, method: str, params: list[Any]) -> None:
+        if self._pushes is None:
+            if self.tasks is None or self.ended:
+                return
+            self._pushes, receive = trio.open_memory_channel[bytes](MAX_PUSH_BACKLOG)
+            self.tasks.start_soon(self._send_pushes, receive)
+        try:
+            self._pushes.send_nowait(encode_notification(method, params))
+        except trio.WouldBlock:
+            self._dropped += 1
+        except trio.ClosedResourceError:
+            pass
+
+    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._closers.append(callback)
+
+    def stop_pushing(self) -> None:
+        """No more notifications: the conversation is over."""
+        self.ended = True
+        if self._pushes is not None:
+            self._pushes.close()
+
+    async def _send_pushes(self, pushes: trio.MemoryReceiveChannel[bytes]) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for data in pushes:
+                await self.send(data)
+                if self._dropped and pushes.statistics().current_buffer_used == 0:
+                    dropped, self._dropped = self._dropped, 0
+                    await self.send(encode_notification("workflow.events_dropped", [dropped]))
+
+    async def close(self) -> None:
+        """Run the close callbacks (release keepalive locks, ...), then close."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_CALLBACK_TIMEOUT):
+            for callback in self._closers:
+                try:
+                    await callback()
+                except Exception:
+                    self.log.exception("close callback failed")
+        self.stream.close()
+
+    def peer_gone(self) -> bool:
+        """After end of input: did the peer close entirely (not just half-close)?"""
+        poller = select.poll()
+        poller.register(self.stream.socket, select.POLLHUP)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 class Server:
@@ -237,23 +329,40 @@ class Server:
         if not connection.allowed:
             connection.log.warning("peer not allowed", peer_gid=peer.gid if peer else None)
         try:
-            with connection.scope:
-                first = await connection.receive()
-                if first and is_text_start(first[0]):
-                    await self._serve_text(connection, first)
-                elif first:
-                    connection.decoder = Decoder(self._max_message_bytes)
-                    await self._serve_binary(connection, first)
-            if connection.draining and connection.decoder and not connection.ended:
-                await self._say_goodbye(connection)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; nothing to answer to
+            try:
+                async with trio.open_nursery() as tasks:
+                    connection.tasks = tasks
+                    try:
+                        await self._converse(connection)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        tasks.cancel_scope.cancel()  # the client went away: nobody to answer
+                    else:
+                        if connection.ended and connection.peer_gone():
+                            tasks.cancel_scope.cancel()  # gone, not half-closed
+                    connection.stop_pushing()
+            except Exception:
+                # A bug must cost this connection, never the daemon and its
+                # other clients.
+                connection.log.exception("connection failed")
+            await connection.close()
         finally:
             self._connections.discard(connection)
             self._metrics.connections.dec()
             if not self._connections:
                 self._idle.set()
             stream.close()
+
+    async def _converse(self, connection: _Connection) -> None:
+        """Read and answer until end of input, a broken stream, or the drain's goodbye."""
+        with connection.scope:
+            first = await connection.receive()
+            if first and is_text_start(first[0]):
+                await self._serve_text(connection, first)
+            elif first:
+                connection.decoder = Decoder(self._max_message_bytes)
+                await self._serve_binary(connection, first)
+        if connection.draining and connection.decoder and not connection.ended:
+            await self._say_goodbye(connection)
 
     async def _call(
         self, connection: _Connection, method: str, params: list[Any], lenient: bool = False
@@ -265,6 +374,7 @@ class Server:
             allowed=connection.allowed,
             admin=connection.admin,
             lenient=lenient,
+            session=connection,
         )
 
     async def _serve_binary(self, connection: _Connection, data: bytes) -> None:
@@ -274,7 +384,7 @@ class Server:
     async def _say_goodbye(self, connection: _Connection) -> None:
         """Tell a draining client we close; answer what crosses the notice; close."""
         if not connection.told_closing:  # it was waiting for input when the drain began
-            await connection.stream.send_all(_CLOSING)
+            await connection.send(_CLOSING)
             connection.told_closing = True
         while True:
             with trio.move_on_after(DRAIN_READ_GRACE):
@@ -287,7 +397,6 @@ class Server:
         """Answer every request complete in ``data``; False if the stream broke."""
         decoder = connection.decoder
         assert decoder is not None
-        stream = connection.stream
         decoder.receive_data(data)
         out = bytearray()
         while True:
@@ -297,7 +406,7 @@ class Server:
                 self._metrics.protocol_errors.inc()
                 connection.log.info("closing on protocol error", reason=str(exc))
                 out += encode_notification("protocol_error", [str(exc)])
-                await stream.send_all(out)
+                await connection.send(out)
                 connection.ended = True
                 return False
             if event is NEED_DATA:
@@ -308,21 +417,46 @@ class Server:
                 except RemoteError as exc:
                     out += encode_response(event.msgid, exc.to_wire(), None)
                 else:
-                    out += encode_response(event.msgid, None, result)
+                    if isinstance(result, Later):
+                        assert connection.tasks is not None
+                        connection.tasks.start_soon(
+                            self._answer_later, connection, event.msgid, result
+                        )
+                    else:
+                        out += encode_response(event.msgid, None, result)
             elif isinstance(event, Invalid):
                 out += encode_response(event.msgid, BadRequest(event.reason).to_wire(), None)
             else:  # a response or notification: clients send requests only
                 error = BadRequest("clients send requests, [0, msgid, method, params]")
                 out += encode_response(None, error.to_wire(), None)
             if len(out) >= FLUSH_BYTES:
-                await stream.send_all(out)
+                await connection.send(out)
                 out = bytearray()
         if connection.draining and not connection.told_closing:
             out += _CLOSING  # with the last answers, so the client sees both at once
             connection.told_closing = True
         if out:
-            await stream.send_all(out)
+            await connection.send(out)
         return True
+
+    async def _answer_later(self, connection: _Connection, msgid: int, later: Later) -> None:
+        """Answer a request that waits (see ``Later``), when it is ready."""
+        scope = trio.CancelScope()
+        if connection.draining:
+            scope.cancel()
+        connection.laters.add(scope)
+        try:
+            with scope:
+                try:
+                    answer = encode_response(msgid, None, await later.wait())
+                except RemoteError as exc:
+                    answer = encode_response(msgid, exc.to_wire(), None)
+            if scope.cancelled_caught:  # draining: give up now
+                answer = encode_response(msgid, None, later.give_up())
+        finally:
+            connection.laters.discard(scope)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await connection.send(answer)  # a client that hung up needs no answer
 
     async def _serve_text(self, connection: _Connection, data: bytes) -> None:
         lines = LineBuffer(self._max_message_bytes)
@@ -357,6 +491,8 @@ class Server:
                 return b""
             method, params = parsed
             result = await self._call(connection, method, params, lenient=True)
+            if isinstance(result, Later):  # a text session answers in order: wait here
+                result = await result.wait()
         except RemoteError as exc:
             return format_error(exc)
         return format_result(method, result)

@@ -24,14 +24,22 @@ class Locks:
         self._clock = clock
 
     async def acquire(self, execution_id: str, worker_id: str, ttl: float) -> dict[str, Any]:
+        result, _ = await self.attempt(execution_id, worker_id, ttl)
+        return result
+
+    async def attempt(
+        self, execution_id: str, worker_id: str, ttl: float
+    ) -> tuple[dict[str, Any], int | None]:
+        """``acquire``'s answer, and the ms left on the holder's lock when refused."""
         ttl_in_ms = ttl_ms(ttl)
         outcome = await self._store.lock_acquire(self._keys, execution_id, worker_id, ttl_in_ms)
-        return {
+        result = {
             "acquired": outcome.acquired,
             "workerId": outcome.holder,
             "fencingToken": outcome.token,
             "expiresAt": now_ms(self._clock) + ttl_in_ms if outcome.acquired else None,
         }
+        return result, None if outcome.acquired else outcome.ttl_ms
 
     async def release(self, execution_id: str, worker_id: str) -> dict[str, Any]:
         status = await self._store.lock_release(self._keys, execution_id, worker_id)

@@ -13,7 +13,7 @@ up as JavaScript's Math.round does, so wksd and the seed's app agree.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -68,6 +68,9 @@ class Workflows:
         self._keys = keys
         self._clock = clock
         self.stale_after_ms = int(stale_after * 1000)
+        #: Told of every change, with its event type (started, progress,
+        #: completed, failed, cancelled, stale) and the new state.
+        self.on_change: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
         # A running state outlives the stale threshold, so a stuck run is
         # found and marked failed by cleanup instead of silently expiring
         # (the seed's TTL equalled the threshold). Twice leaves room for any
@@ -97,7 +100,7 @@ class Workflows:
             }
             return _Plan(state, self.running_ttl_ms, active=True)
 
-        return await self._change(execution_id, plan)
+        return await self._change(execution_id, plan, lambda state: "started")
 
     async def update(
         self,
@@ -133,7 +136,7 @@ class Workflows:
                 )
             return _Plan(state, self.running_ttl_ms, active=True)
 
-        return await self._change(execution_id, plan)
+        return await self._change(execution_id, plan, lambda state: "progress")
 
     async def complete(
         self,
@@ -156,7 +159,7 @@ class Workflows:
                 state["error"] = error
             return _Plan(state, RETENTION_MS[status], active=False, finished_at=now)
 
-        return await self._change(execution_id, plan)
+        return await self._change(execution_id, plan, lambda state: str(state["status"]))
 
     async def get(self, execution_id: str) -> dict[str, Any] | None:
         raw = await self._store.get(self._keys.workflow(execution_id))
@@ -210,6 +213,8 @@ class Workflows:
                 swap = self._cleanup_swap(execution_id, raw, now)
                 if swap is not None and await self._store.swap_workflow(self._keys, swap):
                     cleaned += 1
+                    if swap.new is not None:  # a stale run, now failed
+                        await self._announce("stale", decode(swap.new))
             except WksError:
                 errors += 1
         return {"cleaned": cleaned, "errors": errors}
@@ -245,6 +250,10 @@ class Workflows:
             retain_since=now - MAX_RETENTION_MS,
         )
 
+    async def _announce(self, kind: str, state: dict[str, Any]) -> None:
+        if self.on_change is not None:
+            await self.on_change(kind, state)
+
     @staticmethod
     def _existing(execution_id: str, current: dict[str, Any] | None) -> dict[str, Any]:
         if current is None:
@@ -254,7 +263,10 @@ class Workflows:
         return current
 
     async def _change(
-        self, execution_id: str, plan: Callable[[dict[str, Any] | None, int], _Plan]
+        self,
+        execution_id: str,
+        plan: Callable[[dict[str, Any] | None, int], _Plan],
+        kind: Callable[[dict[str, Any]], str],
     ) -> dict[str, Any]:
         key = self._keys.workflow(execution_id)
         for attempt in range(MAX_SWAP_ATTEMPTS):
@@ -270,6 +282,7 @@ class Workflows:
                 retain_since=now_ms(self._clock) - MAX_RETENTION_MS,
             )
             if await self._store.swap_workflow(self._keys, swap):
+                await self._announce(kind(decision.state), decision.state)
                 return decision.state
             cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2**attempt)
             await trio.sleep(random.uniform(0, cap))

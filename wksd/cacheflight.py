@@ -1,0 +1,272 @@
+"""Single-flight cache-aside: one computation per missing value, host- and cluster-wide.
+
+Theory of operation
+-------------------
+``cache.lease`` answers a cached value at once. For a missing one it starts a
+*flight*: the caller gets a lease token and computes the value, then hands it
+over with ``cache.fill`` (or reports failure with ``cache.abandon``). Every
+other caller on this host asking for the same key meanwhile joins the flight
+and waits; ``fill`` gives them the value, ``abandon`` gives them the failure,
+and nothing is cached for a failure.
+
+Across daemons, whoever starts a flight also takes a short Redis lease
+(``SET NX PX lease_ttl`` on ``cache:lease:{key}``). A daemon that finds the
+lease taken starts a *remote* flight: nobody here computes, its callers wait
+for the value to appear, woken by the filling daemon's pub/sub message, and
+polling slowly in case it is lost.
+
+A flight ends without a value when its holder's connection closes or its lease
+runs out: its waiters then ask again, and one of them becomes the holder.
+
+Stale-while-revalidate: ``fill`` with ``stale_ttl`` keeps the value that much
+longer than ``ttl`` and records when it stops being fresh
+(``cache:meta:{key}``). A stale value is answered at once to everyone; the
+first caller that finds it stale also gets a lease, to refresh it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
+
+import structlog
+import trio
+
+from clientlib.errors import RemoteError
+
+from .clock import Clock, now_ms
+from .domain.values import decode, encode, ttl_ms
+from .keys import KeySpace
+from .methods import Later, Session
+from .store.base import Store
+
+__all__ = ["CacheFlight"]
+
+log = structlog.get_logger("wksd.cache")
+
+#: Seconds between looks for a value another daemon is computing, in case its
+#: "filled" message was lost.
+REMOTE_POLL: Final = 0.2
+
+_TIMEOUT: Final = {"status": "timeout"}
+
+
+@dataclass(eq=False)
+class _Flight:
+    token: str | None  # None: another daemon holds the lease
+    holder: Session | None
+    expires: float  # trio time when the lease runs out
+    waiters: deque[_Waiter] = field(default_factory=deque)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    session: Session
+    lease_ttl: float
+    flight: _Flight | None = None
+    outcome: dict[str, Any] | None = None
+    wake: trio.Event = field(default_factory=trio.Event)
+
+
+class CacheFlight:
+    def __init__(self, store: Store, keys: KeySpace, clock: Clock) -> None:
+        self._store = store
+        self._keys = keys
+        self._clock = clock
+        self._flights: dict[str, _Flight] = {}
+        self._held: dict[int, set[str]] = {}  # session id -> keys it computes
+
+    @property
+    def flights(self) -> int:
+        return len(self._flights)
+
+    @property
+    def waiters(self) -> int:
+        return sum(len(flight.waiters) for flight in self._flights.values())
+
+    # -- the methods ---------------------------------------------------------------
+    async def lease(
+        self, session: Session, key: str, lease_ttl: float, wait: float
+    ) -> dict[str, Any] | Later:
+        answer = await self._ask(session, key, lease_ttl)
+        if isinstance(answer, dict):
+            return answer
+        if wait <= 0:
+            if answer.flight is not None:
+                answer.flight.waiters.remove(answer)
+            return dict(_TIMEOUT)
+        deadline = trio.current_time() + wait
+        return Later(partial(self._wait, key, answer, deadline), partial(dict, _TIMEOUT))
+
+    async def fill(
+        self, session: Session, key: str, token: str, value: Any, ttl: float, stale_ttl: float
+    ) -> dict[str, Any]:
+        raw = encode(value, "cache value")
+        fresh_ms, stale_ms = ttl_ms(ttl), (ttl_ms(stale_ttl) if stale_ttl > 0 else 0)
+        await self._store.set(self._keys.cache(key), raw, fresh_ms + stale_ms)
+        meta = self._keys.cache_meta(key)
+        if stale_ms:
+            fresh_until = str(now_ms(self._clock) + fresh_ms).encode()
+            await self._store.set(meta, fresh_until, fresh_ms + stale_ms)
+        else:
+            await self._store.delete(meta)
+        flight = self._flights.get(key)
+        ours = flight is not None and flight.token == token
+        if flight is not None:  # whoever computed it, waiters here can have it
+            self._finish(key, flight, {"status": "hit", "value": decode(raw)})
+        await self._end_lease(key, token)
+        return {"filled": ours}
+
+    async def abandon(
+        self, session: Session, key: str, token: str, error: str | None
+    ) -> dict[str, Any]:
+        flight = self._flights.get(key)
+        ours = flight is not None and flight.token == token
+        if ours:
+            assert flight is not None
+            message = error or "the computation failed"
+            self._finish(key, flight, {"status": "failed", "error": message})
+        await self._end_lease(key, token)
+        return {"abandoned": ours}
+
+    def on_message(self, message: bytes) -> None:
+        """Another daemon filled or abandoned a key (pub/sub): waiters look again."""
+        flight = self._flights.get(message.decode(errors="replace"))
+        if flight is not None and flight.holder is None:
+            for waiter in flight.waiters:
+                waiter.wake.set()
+
+    # -- flights -------------------------------------------------------------------------
+    async def _ask(self, session: Session, key: str, lease_ttl: float) -> dict[str, Any] | _Waiter:
+        """An answer now, or the waiter this caller became in a flight."""
+        while True:
+            value, stale = await self._lookup(key)
+            flight = self._flights.get(key)
+            if flight is not None and flight.expires <= trio.current_time():
+                self._end(key, flight)  # its lease ran out unnoticed
+                flight = None
+            if value is not _MISSING:
+                if not stale:
+                    return {"status": "hit", "value": value}
+                refresh = None
+                if flight is None:
+                    refresh = await self._start(session, key, lease_ttl, wait_remote=False)
+                return {"status": "stale", "value": value, "token": refresh}
+            if flight is None:
+                token = await self._start(session, key, lease_ttl)
+                if token is not None:
+                    return {"status": "lease", "token": token}
+                flight = self._flights.get(key)
+                if flight is None:
+                    continue  # it ended while we asked Redis: look again
+            waiter = _Waiter(session, lease_ttl, flight)
+            flight.waiters.append(waiter)
+            return waiter
+
+    async def _start(
+        self, session: Session, key: str, lease_ttl: float, wait_remote: bool = True
+    ) -> str | None:
+        """Start a flight; the token if this caller computes, None if another daemon does.
+
+        The flight is recorded before Redis is asked, so that callers arriving
+        meanwhile join it instead of starting their own. If another daemon
+        holds the lease, it becomes a remote flight (its callers wait for the
+        value) or, without ``wait_remote`` and with nobody waiting, ends.
+        """
+        token = secrets.token_hex(8)
+        flight = self._flights[key] = _Flight(token, session, trio.current_time() + lease_ttl)
+        ours = await self._store.set_if_absent(
+            self._keys.cache_lease(key), token.encode(), ttl_ms(lease_ttl)
+        )
+        if self._flights.get(key) is not flight:  # ended while we asked Redis
+            if ours:
+                await self._end_lease(key, token)
+            return None
+        if not ours:
+            flight.token, flight.holder = None, None
+            if not wait_remote and not flight.waiters:
+                self._end(key, flight)
+            return None
+        if session.id not in self._held:
+            self._held[session.id] = set()
+            session.on_close(partial(self._holder_gone, session.id))
+        self._held[session.id].add(key)
+        return token
+
+    async def _wait(self, key: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+        try:
+            while True:
+                if waiter.outcome is not None:
+                    return waiter.outcome
+                flight = waiter.flight
+                if flight is None or self._flights.get(key) is not flight:
+                    # The flight ended without a value: ask again (and maybe compute).
+                    answer = await self._ask(waiter.session, key, waiter.lease_ttl)
+                    if isinstance(answer, dict):
+                        return answer
+                    waiter = answer
+                    continue
+                now = trio.current_time()
+                if now >= deadline:
+                    return dict(_TIMEOUT)
+                retry_at = min(deadline, flight.expires)
+                if flight.holder is None:
+                    retry_at = min(retry_at, now + REMOTE_POLL)
+                with trio.move_on_at(retry_at):
+                    await waiter.wake.wait()
+                waiter.wake = trio.Event()
+                if waiter.outcome is None and self._flights.get(key) is flight:
+                    if trio.current_time() >= flight.expires:
+                        self._end(key, flight)  # the lease ran out: all ask again
+                    elif flight.holder is None:
+                        value, _ = await self._lookup(key)
+                        if value is not _MISSING and self._flights.get(key) is flight:
+                            self._finish(key, flight, {"status": "hit", "value": value})
+        finally:
+            if waiter.flight is not None and waiter in waiter.flight.waiters:
+                waiter.flight.waiters.remove(waiter)
+
+    def _finish(self, key: str, flight: _Flight, outcome: dict[str, Any]) -> None:
+        """The flight is over with an outcome for every waiter."""
+        self._end(key, flight)
+        for waiter in flight.waiters:
+            waiter.outcome = outcome
+            waiter.wake.set()
+
+    def _end(self, key: str, flight: _Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if flight.holder is not None:
+            self._held.get(flight.holder.id, set()).discard(key)
+        for waiter in flight.waiters:
+            waiter.wake.set()
+
+    async def _holder_gone(self, session_id: int) -> None:
+        """A computing caller's connection closed: its flights end; a waiter takes over."""
+        for key in self._held.pop(session_id, set()):
+            flight = self._flights.get(key)
+            if flight is not None and flight.holder is not None and flight.holder.id == session_id:
+                self._end(key, flight)
+                assert flight.token is not None
+                await self._end_lease(key, flight.token)
+
+    async def _end_lease(self, key: str, token: str) -> None:
+        try:
+            await self._store.delete_if_equal(self._keys.cache_lease(key), token.encode())
+            await self._store.publish(self._keys.cache_channel, key.encode())
+        except RemoteError as exc:  # the lease expires by itself
+            log.warning("cache lease release failed", error=exc.code)
+
+    async def _lookup(self, key: str) -> tuple[Any, bool]:
+        """The cached value (or _MISSING), and whether it is stale."""
+        raw, meta = await self._store.get_many([self._keys.cache(key), self._keys.cache_meta(key)])
+        if raw is None:
+            return _MISSING, False
+        stale = meta is not None and int(meta) <= now_ms(self._clock)
+        return decode(raw), stale
+
+
+_MISSING: Final[Any] = object()

@@ -1,0 +1,124 @@
+"""Live workflow events: pushed to subscribers, kept as history, shared via Redis.
+
+Every change of a workflow (``Workflows.on_change``) becomes an event
+``{"executionId", "type", "state", "at"}``. The hub pushes it to this
+daemon's subscribed connections (``workflow.event`` notifications), appends it
+to the history (a Redis Stream per execution and one for all, bounded; the
+same in memory without Redis), and publishes it for the other daemons sharing
+the Redis, whose hubs push it to their own subscribers. Events carry this
+daemon's ``origin`` so it does not push its own twice.
+
+Failing to record or publish an event never fails the change that caused it:
+the change is what the worker asked for; the event is news about it.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any, Final
+
+import structlog
+
+from clientlib.errors import RemoteError
+
+from .keys import KeySpace
+from .methods import Session
+from .store.base import Store
+
+__all__ = ["MAX_HISTORY", "EventHub"]
+
+log = structlog.get_logger("wksd.events")
+
+#: Most events one ``workflow.events`` call returns.
+MAX_HISTORY: Final = 1000
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class EventHub:
+    def __init__(self, store: Store, keys: KeySpace, *, origin: str, retain_ms: int) -> None:
+        self._store = store
+        self._keys = keys
+        self._origin = origin
+        self._retain_ms = retain_ms
+        # execution id (None: every execution) -> subscribed sessions by id
+        self._subscribers: dict[str | None, dict[int, Session]] = {}
+        self._sessions: dict[int, set[str | None]] = {}
+
+    @property
+    def subscriptions(self) -> int:
+        return sum(len(sessions) for sessions in self._subscribers.values())
+
+    async def emit(self, kind: str, state: dict[str, Any]) -> None:
+        """A workflow changed through this daemon (``Workflows.on_change``)."""
+        event = {
+            "executionId": state["executionId"],
+            "type": kind,
+            "state": state,
+            "at": state.get("updatedAt", 0),
+        }
+        self._deliver(event)
+        try:
+            await self._store.record_event(
+                self._keys, event["executionId"], _json(event), event["at"], self._retain_ms
+            )
+            await self._store.publish(
+                self._keys.workflow_channel, _json({"origin": self._origin, "event": event})
+            )
+        except RemoteError as exc:
+            log.warning("workflow event not recorded", error=exc.code)
+
+    def on_message(self, message: bytes) -> None:
+        """An event published by a daemon sharing the Redis (pub/sub)."""
+        try:
+            envelope = json.loads(message)
+            if envelope["origin"] != self._origin:
+                self._deliver(envelope["event"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable workflow event message")
+
+    def _deliver(self, event: dict[str, Any]) -> None:
+        sessions = {
+            **self._subscribers.get(None, {}),
+            **self._subscribers.get(event["executionId"], {}),
+        }
+        for session in sessions.values():
+            session.push("workflow.event", [event])
+
+    # -- the methods ------------------------------------------------------------
+    async def subscribe(self, session: Session, execution_id: str | None) -> dict[str, Any]:
+        if session.id not in self._sessions:
+            self._sessions[session.id] = set()
+            session.on_close(partial(self._drop, session.id))
+        self._sessions[session.id].add(execution_id)
+        self._subscribers.setdefault(execution_id, {})[session.id] = session
+        return {"subscribed": execution_id}
+
+    async def unsubscribe(self, session: Session, execution_id: str | None) -> dict[str, Any]:
+        subscribed = execution_id in self._sessions.get(session.id, set())
+        if subscribed:
+            self._sessions[session.id].discard(execution_id)
+            self._remove(execution_id, session.id)
+        return {"unsubscribed": subscribed}
+
+    async def history(
+        self, execution_id: str | None, since_ms: int | None, limit: int
+    ) -> dict[str, Any]:
+        since = -1 if since_ms is None else since_ms
+        raw = await self._store.read_events(self._keys, execution_id, since, limit)
+        events = [json.loads(entry) for entry in raw]
+        return {"events": [event for event in events if event["at"] > since][:limit]}
+
+    async def _drop(self, session_id: int) -> None:
+        for execution_id in self._sessions.pop(session_id, set()):
+            self._remove(execution_id, session_id)
+
+    def _remove(self, execution_id: str | None, session_id: int) -> None:
+        sessions = self._subscribers.get(execution_id)
+        if sessions is not None:
+            sessions.pop(session_id, None)
+            if not sessions:
+                del self._subscribers[execution_id]

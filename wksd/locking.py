@@ -1,0 +1,248 @@
+"""Locks for connected workers: keepalive, and acquire that waits its turn.
+
+Theory of operation
+-------------------
+The atomic, owner-checked steps stay in the domain's ``Locks`` (and under
+them the store's scripts); this module adds what only a daemon that sees the
+worker's connection can do.
+
+Keepalive. A lock taken with ``keepalive`` belongs to the connection: a task
+extends it every third of its TTL while the connection is open, and when the
+connection closes (a worker killed with SIGKILL closes it too) the lock is
+released at once, owner-checked, instead of after its TTL. If an extension
+finds the lock no longer ours, the client is told (``lock.lost``).
+
+Waiting. ``lock.acquire`` with ``wait`` queues behind this daemon's earlier
+waiters for the same execution id (FIFO) and only the head of the queue tries
+the lock. The head tries again when woken (a release through this daemon; a
+release through another daemon, announced on Redis pub/sub), when the
+holder's TTL runs out (it knows how long that is from its last try), and at
+least every ``POLL_INTERVAL`` in case an announcement was lost. A waiter
+leaving the queue (granted, timed out, or its connection gone) wakes the next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final
+
+import structlog
+import trio
+
+from clientlib.errors import RemoteError
+
+from .domain.locks import Locks
+from .keys import KeySpace
+from .methods import Later, Session
+from .store.base import Store
+
+__all__ = ["POLL_INTERVAL", "LockService"]
+
+log = structlog.get_logger("wksd.locks")
+
+#: Seconds between a waiting head's tries when no release is announced: the
+#: safety net for a lost pub/sub message or a release by the TypeScript app.
+POLL_INTERVAL: Final = 1.0
+
+#: A waiter whose holder's TTL ran out tries this long after it, so the
+#: expiry has happened in Redis too.
+EXPIRY_SLACK: Final = 0.005
+
+
+@dataclass(eq=False)
+class _Waiter:
+    worker_id: str
+    ttl: float
+    keepalive: bool
+    session: Session
+    wake: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class _Kept:
+    """A keepalive lock: whose connection keeps it, and how to stop keeping it."""
+
+    execution_id: str
+    worker_id: str
+    ttl: float
+    session: Session
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class LockService:
+    def __init__(self, locks: Locks, store: Store, keys: KeySpace) -> None:
+        self._locks = locks
+        self._store = store
+        self._keys = keys
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._holders: dict[str, str | None] = {}  # last holder seen by a waiter
+        self._kept: dict[tuple[str, str], _Kept] = {}
+        self._sessions: dict[int, set[tuple[str, str]]] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the keepalive tasks; run for the daemon's life."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- the methods ---------------------------------------------------------------
+    async def acquire(
+        self,
+        session: Session,
+        execution_id: str,
+        worker_id: str,
+        ttl: float,
+        keepalive: bool,
+        wait: float,
+    ) -> dict[str, Any] | Later:
+        if not (wait > 0 and self._queues.get(execution_id)):
+            result, _ = await self._try(session, execution_id, worker_id, ttl, keepalive)
+            if result["acquired"] or wait <= 0:
+                return result
+            self._holders[execution_id] = result["workerId"]
+        waiter = _Waiter(worker_id, ttl, keepalive, session)
+        self._queues.setdefault(execution_id, deque()).append(waiter)
+        deadline = trio.current_time() + wait
+        return Later(
+            partial(self._wait, execution_id, waiter, deadline),
+            partial(self._refusal, execution_id),
+        )
+
+    async def release(self, session: Session, execution_id: str, worker_id: str) -> dict[str, Any]:
+        result = await self._locks.release(execution_id, worker_id)
+        self._forget(execution_id, worker_id)
+        if result["released"]:
+            await self._announce(execution_id)
+        return result
+
+    def notify_released(self, execution_id: str) -> None:
+        """Someone released (or lost) this lock: the first waiter should try now."""
+        queue = self._queues.get(execution_id)
+        if queue:
+            queue[0].wake.set()
+
+    def on_release_message(self, message: bytes) -> None:
+        """A release announced by another daemon (pub/sub)."""
+        self.notify_released(message.decode(errors="replace"))
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
+    # -- waiting ---------------------------------------------------------------------
+    async def _try(
+        self, session: Session, execution_id: str, worker_id: str, ttl: float, keepalive: bool
+    ) -> tuple[dict[str, Any], int | None]:
+        # Shielded: a lock granted in Redis must not be lost to a cancellation
+        # between the grant and its keepalive being registered.
+        with trio.CancelScope(shield=True):
+            result, holder_ttl = await self._locks.attempt(execution_id, worker_id, ttl)
+        if result["acquired"] and keepalive:
+            self._keep(session, execution_id, worker_id, ttl)
+        return result, holder_ttl
+
+    async def _wait(self, execution_id: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+        queue = self._queues[execution_id]
+        try:
+            while True:
+                retry_at = deadline
+                if queue[0] is waiter:
+                    result, holder_ttl = await self._try(
+                        waiter.session,
+                        execution_id,
+                        waiter.worker_id,
+                        waiter.ttl,
+                        waiter.keepalive,
+                    )
+                    if result["acquired"]:
+                        return result
+                    self._holders[execution_id] = result["workerId"]
+                    retry_at = min(deadline, trio.current_time() + POLL_INTERVAL)
+                    if holder_ttl is not None:
+                        expiry = trio.current_time() + holder_ttl / 1000 + EXPIRY_SLACK
+                        retry_at = min(retry_at, expiry)
+                if trio.current_time() >= deadline:
+                    return self._refusal(execution_id)
+                with trio.move_on_at(retry_at):
+                    await waiter.wake.wait()
+                waiter.wake = trio.Event()
+        finally:
+            head = queue[0] is waiter
+            queue.remove(waiter)
+            if not queue:
+                del self._queues[execution_id]
+                self._holders.pop(execution_id, None)
+            elif head:
+                queue[0].wake.set()
+
+    def _refusal(self, execution_id: str) -> dict[str, Any]:
+        """The answer when the wait runs out (or the daemon shuts down first)."""
+        holder = self._holders.get(execution_id)
+        return {"acquired": False, "workerId": holder, "fencingToken": None, "expiresAt": None}
+
+    async def _announce(self, execution_id: str) -> None:
+        self.notify_released(execution_id)
+        try:
+            await self._store.publish(self._keys.lock_channel, execution_id.encode())
+        except RemoteError as exc:  # the release stands; other daemons poll
+            log.warning("release announcement failed", error=exc.code)
+
+    # -- keepalive ----------------------------------------------------------------------
+    def _keep(self, session: Session, execution_id: str, worker_id: str, ttl: float) -> None:
+        key = (execution_id, worker_id)
+        kept = self._kept.get(key)
+        if kept is not None and kept.session is session:
+            kept.ttl = ttl
+            return
+        if kept is not None:  # the same worker took it again on another connection
+            self._forget(execution_id, worker_id)
+        kept = self._kept[key] = _Kept(execution_id, worker_id, ttl, session)
+        if session.id not in self._sessions:
+            self._sessions[session.id] = set()
+            session.on_close(partial(self._session_closed, session.id))
+        self._sessions[session.id].add(key)
+        assert self._nursery is not None, "LockService.run is not running"
+        self._nursery.start_soon(self._keep_alive, kept)
+
+    async def _keep_alive(self, kept: _Kept) -> None:
+        with kept.scope:
+            while True:
+                await trio.sleep(kept.ttl / 3)
+                try:
+                    result = await self._locks.extend(kept.execution_id, kept.worker_id, kept.ttl)
+                except RemoteError as exc:
+                    log.warning("keepalive extension failed", error=exc.code)
+                    continue
+                if not result["extended"]:
+                    self._forget(kept.execution_id, kept.worker_id)
+                    kept.session.push(
+                        "lock.lost",
+                        [{"executionId": kept.execution_id, "workerId": kept.worker_id}],
+                    )
+                    return
+
+    def _forget(self, execution_id: str, worker_id: str) -> None:
+        kept = self._kept.pop((execution_id, worker_id), None)
+        if kept is not None:
+            kept.scope.cancel()
+            self._sessions.get(kept.session.id, set()).discard((execution_id, worker_id))
+
+    async def _session_closed(self, session_id: int) -> None:
+        """The connection closed: release every lock it kept alive, now."""
+        for execution_id, worker_id in sorted(self._sessions.pop(session_id, ())):
+            self._forget(execution_id, worker_id)
+            try:
+                result = await self._locks.release(execution_id, worker_id)
+            except RemoteError as exc:
+                log.warning("keepalive release failed", error=exc.code)
+                continue
+            if result["released"]:
+                await self._announce(execution_id)
