@@ -7,14 +7,28 @@ trio or redis (DESIGN section 1).
 
     with Client() as c:
         c.set_session("user123", {"role": "admin"}, ttl=86400)
+
+``AsyncClient`` (trio or asyncio, needs anyio: the ``async`` extra) is loaded
+on first use, so ``import clientlib`` still imports no event loop.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ._calls import cache_key
 from ._paths import default_socket_path, resolve_socket_path
-from ._sync import Client
-from ._types import CleanupResult, Health, LockResult, LockStatus, WorkflowState, WorkflowStats
+from ._sync import Client, WorkflowSubscription
+from ._types import (
+    CleanupResult,
+    Health,
+    LockResult,
+    LockStatus,
+    WorkflowEvent,
+    WorkflowState,
+    WorkflowStats,
+)
 from .errors import (
     BadRequest,
+    ComputeFailed,
     Conflict,
     ConnectionLost,
     DaemonUnavailable,
@@ -32,10 +46,15 @@ from .errors import (
     WksError,
 )
 
+if TYPE_CHECKING:
+    from ._async import AsyncClient
+
 __all__ = [
+    "AsyncClient",
     "BadRequest",
     "CleanupResult",
     "Client",
+    "ComputeFailed",
     "Conflict",
     "ConnectionLost",
     "DaemonUnavailable",
@@ -54,9 +73,21 @@ __all__ = [
     "Unavailable",
     "UnknownMethod",
     "WksError",
+    "WorkflowEvent",
     "WorkflowState",
     "WorkflowStats",
+    "WorkflowSubscription",
     "cache_key",
     "default_socket_path",
     "resolve_socket_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``AsyncClient`` (and with it anyio) only when it is asked for."""
+    if name == "AsyncClient":
+        from ._async import AsyncClient
+
+        globals()[name] = AsyncClient  # later look-ups skip this function
+        return AsyncClient
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ._types import CleanupResult, Health, LockResult, LockStatus, WorkflowState, WorkflowStats
+from ._types import (
+    CleanupResult,
+    Health,
+    LockResult,
+    LockStatus,
+    WorkflowEvent,
+    WorkflowState,
+    WorkflowStats,
+)
+from .errors import ComputeFailed, RequestTimeout
 
 __all__ = ["Call", "cache_key"]
 
@@ -24,6 +34,9 @@ T = TypeVar("T")
 SESSION_TTL = 86400  # seconds: the seed's session lifetime
 CACHE_TTL = 3600  # seconds: the seed's API-cache lifetime
 LOCK_TTL = 300  # seconds: the seed's execution-lock lifetime
+#: Seconds a caller computing a missing value holds its lease, and how long
+#: the others wait for it, by default (as the daemon's defaults).
+LEASE_TTL = 30
 
 
 def _same(value: Any) -> Any:
@@ -35,6 +48,9 @@ class Call(Generic[T]):
     method: str
     params: list[Any]
     convert: Callable[[Any], T] = _same
+    #: Seconds the daemon may legitimately take on top of the client's
+    #: timeout: a blocking acquire or a cache lease waits that long first.
+    extra_timeout: float = 0.0
 
 
 def cache_key(params: Any) -> str:
@@ -148,15 +164,40 @@ def cleanup_workflows() -> Call[CleanupResult]:
     return Call("workflow.cleanup", [], CleanupResult.from_wire)
 
 
-def acquire_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[LockResult]:
-    """Try to take the execution lock; the result carries the fencing token."""
-    return Call("lock.acquire", [execution_id, worker_id, ttl], LockResult.from_wire)
+def acquire_lock(
+    execution_id: str,
+    worker_id: str,
+    ttl: float = LOCK_TTL,
+    keepalive: bool = False,
+    wait: float = 0,
+) -> Call[LockResult]:
+    """Take the execution lock; the result carries the fencing token.
 
-
-def lock_workflow_execution(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[bool]:
-    """Try to take the execution lock; True when this worker holds it now."""
+    ``keepalive``: the daemon extends the lock while this connection is open
+    and releases it when the connection closes. ``wait``: seconds to queue for
+    the lock if another worker holds it (0: answer at once).
+    """
     return Call(
-        "lock.acquire", [execution_id, worker_id, ttl], lambda result: bool(result["acquired"])
+        "lock.acquire",
+        [execution_id, worker_id, ttl, keepalive, wait],
+        LockResult.from_wire,
+        extra_timeout=wait,
+    )
+
+
+def lock_workflow_execution(
+    execution_id: str,
+    worker_id: str,
+    ttl: float = LOCK_TTL,
+    keepalive: bool = False,
+    wait: float = 0,
+) -> Call[bool]:
+    """Take the execution lock (see ``acquire_lock``); True when this worker holds it."""
+    return Call(
+        "lock.acquire",
+        [execution_id, worker_id, ttl, keepalive, wait],
+        lambda result: bool(result["acquired"]),
+        extra_timeout=wait,
     )
 
 
@@ -174,3 +215,62 @@ def extend_workflow_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TT
 
 def is_workflow_locked(execution_id: str) -> Call[LockStatus]:
     return Call("lock.status", [execution_id], LockStatus.from_wire)
+
+
+def cache_lease(key: str, lease_ttl: float, wait: float) -> Call[dict[str, Any]]:
+    """The value, or the right to compute it (docs/protocol-extensions.md)."""
+    return Call("cache.lease", [key, lease_ttl, wait], extra_timeout=wait)
+
+
+def cache_fill(
+    key: str, token: str, value: Any, ttl: float, stale_ttl: float
+) -> Call[dict[str, Any]]:
+    return Call("cache.fill", [key, token, value, ttl, stale_ttl])
+
+
+def cache_abandon(key: str, token: str, error: str) -> Call[dict[str, Any]]:
+    return Call("cache.abandon", [key, token, error])
+
+
+def lease_outcome(key: str, answer: dict[str, Any]) -> tuple[bool, Any]:
+    """What a ``cache.lease`` answer means for ``get_or_compute``, in both clients.
+
+    ``(True, value)``: return the value. ``(False, token)``: compute it, then
+    fill (or abandon) with the token. Raises ``ComputeFailed`` when the caller
+    computing it failed, ``RequestTimeout`` when waiting for it ran out.
+    """
+    status = answer.get("status")
+    if status == "hit":
+        return True, answer["value"]
+    if status == "stale":
+        token = answer.get("token")
+        return (True, answer["value"]) if token is None else (False, token)
+    if status == "lease":
+        return False, answer["token"]
+    if status == "failed":
+        raise ComputeFailed(str(answer.get("error")))
+    raise RequestTimeout(f"waited too long for another caller to compute {key!r}")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What the waiting callers are told when ``fn`` raised ``exc``."""
+    return f"{type(exc).__name__}: {exc}"[:4096]
+
+
+def jittered(ttl: float, jitter: float) -> float:
+    """``ttl`` moved by up to ``jitter`` of itself either way, so entries written
+    together do not all expire together."""
+    if jitter <= 0:
+        return ttl
+    return ttl * (1 + random.uniform(-jitter, jitter))
+
+
+def workflow_events(
+    execution_id: str | None = None, since: int | None = None, limit: int = 100
+) -> Call[list[WorkflowEvent]]:
+    """The recorded history of workflow changes, oldest first, after ``since`` (epoch ms)."""
+    return Call(
+        "workflow.events",
+        [execution_id, since, limit],
+        lambda result: [WorkflowEvent.from_wire(event) for event in result["events"]],
+    )

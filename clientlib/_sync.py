@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import _calls
-from ._calls import LOCK_TTL, Call
+from ._calls import CACHE_TTL, LEASE_TTL, LOCK_TTL, Call
 from ._paths import resolve_socket_path
-from ._types import LockResult
+from ._types import LockResult, WorkflowEvent
 from .errors import (
     ConnectionLost,
     DaemonUnavailable,
@@ -48,7 +48,7 @@ from .protocol import (
     encode_request,
 )
 
-__all__ = ["Client"]
+__all__ = ["Client", "WorkflowSubscription"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -120,6 +120,7 @@ class Client:
     active_workflows = _method(_calls.active_workflows)
     active_workflows_detailed = _method(_calls.active_workflows_detailed)
     workflow_stats = _method(_calls.workflow_stats)
+    workflow_events = _method(_calls.workflow_events)
     cleanup_workflows = _method(_calls.cleanup_workflows)
     acquire_lock = _method(_calls.acquire_lock)
     lock_workflow_execution = _method(_calls.lock_workflow_execution)
@@ -129,15 +130,18 @@ class Client:
 
     @contextmanager
     def execute_with_lock(
-        self, execution_id: str, worker_id: str, ttl: float = LOCK_TTL
+        self, execution_id: str, worker_id: str, ttl: float = LOCK_TTL, wait: float = 0
     ) -> Iterator[LockResult]:
         """Hold the execution lock for the ``with`` block, then release it.
 
-        Raises ``LockHeld`` when another worker holds it. The lock is released
-        however the block ends; a failure to release is raised only when the
-        block itself succeeded, so it never hides the block's own error.
+        The lock is kept alive by the daemon for as long as this client's
+        connection is open (and released if the process dies). ``wait``: seconds
+        to queue for it. Raises ``LockHeld`` when another worker holds it. The
+        lock is released however the block ends; a failure to release is raised
+        only when the block itself succeeded, so it never hides the block's own
+        error.
         """
-        lock = self.acquire_lock(execution_id, worker_id, ttl)
+        lock = self.acquire_lock(execution_id, worker_id, ttl, keepalive=True, wait=wait)
         if not lock:
             raise LockHeld(f"{execution_id} is locked by {lock.worker_id}", lock.worker_id)
         try:
@@ -148,16 +152,56 @@ class Client:
             raise
         self.unlock_workflow_execution(execution_id, worker_id)
 
+    def get_or_compute(
+        self,
+        key: str,
+        fn: Callable[[], Any],
+        ttl: float = CACHE_TTL,
+        *,
+        stale_ttl: float = 0,
+        jitter: float = 0,
+        lease_ttl: float = LEASE_TTL,
+        wait: float = LEASE_TTL,
+    ) -> Any:
+        """The cached value of ``key``, computed by ``fn()`` if missing: single-flight.
+
+        When the value is missing, one caller on the host (and, through a short
+        Redis lock, one in the cluster) runs ``fn`` while the others wait up to
+        ``wait`` seconds for its result. If ``fn`` raises, that caller gets its
+        exception, every waiter gets ``ComputeFailed``, and nothing is cached.
+        ``stale_ttl``: serve the value that much longer while one caller
+        refreshes it. ``jitter``: spread expiry by up to that fraction of ``ttl``.
+        """
+        done, found = _calls.lease_outcome(key, self._run(_calls.cache_lease(key, lease_ttl, wait)))
+        if done:
+            return found
+        try:
+            value = fn()
+        except BaseException as exc:
+            with contextlib.suppress(WksError):
+                self._run(_calls.cache_abandon(key, found, _calls.describe_failure(exc)))
+            raise
+        self._run(_calls.cache_fill(key, found, value, _calls.jittered(ttl, jitter), stale_ttl))
+        return value
+
+    def subscribe_workflows(self, execution_id: str | None = None) -> WorkflowSubscription:
+        """Live workflow events (all executions, or one), on a connection of its own.
+
+        Iterate it for ``WorkflowEvent``s as they happen, through every daemon
+        sharing the Redis; close it (or leave its ``with`` block) to stop.
+        """
+        return WorkflowSubscription(self.path, self.timeout, execution_id)
+
     # -- transport --------------------------------------------------------
     def _run(self, call: Call[T]) -> T:
         with self._lock:
-            result = self._roundtrip(call.method, call.params)
+            result = self._roundtrip(call.method, call.params, call.extra_timeout)
         return call.convert(result)
 
-    def _roundtrip(self, method: str, params: list[Any]) -> Any:
+    def _roundtrip(self, method: str, params: list[Any], extra_timeout: float = 0.0) -> Any:
         self._msgid = msgid = (self._msgid + 1) & MAX_MSGID
         payload = encode_request(msgid, method, params)
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout + extra_timeout
         if self._sock is not None and (self._closing or self._closing_seen()):
             self._drop()
         if self._sock is None:
@@ -256,7 +300,83 @@ class Client:
                 self._drop()
                 raise ProtocolError(f"unexpected message from wksd: {event}")
 
+    def _next_notification(self) -> tuple[str, list[Any]]:
+        """Block until the daemon pushes a notification; (method, params).
+
+        A ``closing`` notice or the end of the connection raises
+        ``ConnectionLost`` (the subscriber then connects afresh).
+        """
+        with self._lock:
+            while True:
+                sock = self._sock
+                if sock is None:
+                    raise ConnectionLost("not connected")
+                event = self._decoder.next_event()
+                if event is NEED_DATA:
+                    try:
+                        data = sock.recv(_READ_CHUNK)
+                    except BlockingIOError:  # SO_RCVTIMEO: nothing yet, keep waiting
+                        continue
+                    except OSError as exc:
+                        raise ConnectionLost(f"connection to wksd broke: {exc}") from exc
+                    if not data:
+                        raise ConnectionLost("wksd closed the connection")
+                    self._decoder.receive_data(data)
+                elif isinstance(event, Notification):
+                    if event.method in _GOODBYES:
+                        raise ConnectionLost(f"wksd is closing the connection ({event.method})")
+                    return event.method, event.params
+
     def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class WorkflowSubscription:
+    """An iterator of ``WorkflowEvent``s, on a connection of its own.
+
+    ``dropped`` counts events the daemon dropped because this subscriber fell
+    more than a thousand behind (catch up with ``workflow_events``). If the
+    daemon restarts, the subscription connects and subscribes again by itself
+    (events in between are missed: ``resubscribed`` counts those moments);
+    ``DaemonUnavailable`` is raised if it cannot.
+    """
+
+    def __init__(self, path: str, timeout: float, execution_id: str | None) -> None:
+        self.execution_id = execution_id
+        self.dropped = 0
+        self.resubscribed = 0
+        self._client = Client(path, timeout)
+        self._pending: list[WorkflowEvent] = []
+        self._subscribe()
+
+    def __enter__(self) -> WorkflowSubscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> WorkflowSubscription:
+        return self
+
+    def __next__(self) -> WorkflowEvent:
+        while not self._pending:
+            try:
+                method, params = self._client._next_notification()
+            except ConnectionLost:
+                self._client._drop()
+                self.resubscribed += 1
+                self._subscribe()
+                continue
+            if method == "workflow.event":
+                self._pending.append(WorkflowEvent.from_wire(params[0]))
+            elif method == "workflow.events_dropped":
+                self.dropped += int(params[0])
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _subscribe(self) -> None:
+        self._client.call("workflow.subscribe", self.execution_id)

@@ -6,13 +6,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "WORKFLOW_EVENT_TYPES",
     "CleanupResult",
     "Health",
     "LockResult",
     "LockStatus",
+    "WorkflowEvent",
     "WorkflowState",
     "WorkflowStats",
 ]
+
+#: What a workflow event can say happened (docs/protocol-extensions.md).
+WORKFLOW_EVENT_TYPES = ("started", "progress", "completed", "failed", "cancelled", "stale")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,25 @@ class WorkflowState:
             estimated_completion=state.get("estimatedCompletion"),
             completed_at=state.get("completedAt"),
             error=state.get("error"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowEvent:
+    """One change of a workflow: ``type`` is one of WORKFLOW_EVENT_TYPES, ``at`` epoch ms."""
+
+    execution_id: str
+    type: str
+    state: WorkflowState
+    at: int
+
+    @classmethod
+    def from_wire(cls, event: dict[str, Any]) -> WorkflowEvent:
+        return cls(
+            execution_id=event["executionId"],
+            type=event["type"],
+            state=WorkflowState.from_wire(event["state"]),
+            at=event["at"],
         )
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 __all__ = [
     "CODES",
     "BadRequest",
+    "ComputeFailed",
     "Conflict",
     "ConnectionLost",
     "DaemonUnavailable",
@@ -60,6 +61,17 @@ class RequestTimeout(WksError):
 
 class ProtocolError(WksError):
     """The peer sent bytes that are not a valid message."""
+
+
+class ComputeFailed(WksError):
+    """Another caller computing this value (``get_or_compute``) reported a failure.
+
+    Nothing was cached; ``message`` is what that caller's ``fn`` raised.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class RemoteError(WksError):
