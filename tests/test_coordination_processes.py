@@ -19,7 +19,7 @@ from clientlib import Client, ComputeFailed, WorkflowEvent
 
 from .processes import DaemonProcess
 from .redis_server import RedisServer
-from .test_redis_faults import redis_env, wait_until
+from .test_redis_faults import backend, redis_env, wait_until
 
 #: How long the computing worker's ``fn`` works: long enough that all the
 #: racing workers ask while it computes, as they would for a slow API call.
@@ -156,10 +156,22 @@ def test_a_failure_reaches_the_waiters(daemon_process: DaemonProcess) -> None:
         assert c.get_cached_api_response("k") is None
 
 
-def test_a_sigkilled_worker_frees_its_keepalive_lock_at_once(
-    daemon_process: DaemonProcess,
-) -> None:
+@pytest.fixture(params=["memory", "redis"])
+def any_daemon(
+    request: pytest.FixtureRequest, daemons: Callable[..., DaemonProcess]
+) -> DaemonProcess:
+    """The daemon binary on its memory default, or on a private redis-server."""
+    if request.param == "memory":
+        return daemons()
+    server: RedisServer = request.getfixturevalue("redis_server")
+    daemon = daemons(redis_env(server.url))
+    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    return daemon
+
+
+def test_a_sigkilled_worker_frees_its_keepalive_lock_at_once(any_daemon: DaemonProcess) -> None:
     """A worker killed with SIGKILL while holding a keepalive lock frees it in under a second."""
+    daemon_process = any_daemon
     worker = subprocess.Popen(
         [
             sys.executable,
