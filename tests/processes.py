@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 
 import pytest
+
+from .polling import wait_until
 
 #: How long a daemon may take to start serving on a loaded CI machine.
 START_TIMEOUT = 15.0
@@ -30,20 +31,18 @@ def wait_until_serving(
     path: str, process: subprocess.Popen[bytes] | None = None, timeout: float = START_TIMEOUT
 ) -> None:
     """Poll the socket with a deadline until it accepts a connection."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def serving() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"wksd exited with {process.returncode} before serving")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"wksd did not serve on {path} within {timeout} s") from None
-            time.sleep(0.02)
-        finally:
-            probe.close()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                return False
+        return True
+
+    wait_until(serving, timeout, f"wksd to serve on {path}")
 
 
 class DaemonProcess:

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .polling import wait_until
 from .processes import require_binary
 
 START_TIMEOUT = 15.0
@@ -110,19 +110,20 @@ class RedisServer:
         return self
 
     def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server on {self.port} exited at start")
             try:
                 with self.client(socket_timeout=1, socket_connect_timeout=1) as probe:
                     probe.ping()
-                return
             except redis.exceptions.AuthenticationError:
-                return  # up, and wants a password
+                return True  # up, and wants a password
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
-                assert self.process is not None
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {self.port} did not start") from None
-                time.sleep(0.01)
+                return False
+            return True
+
+        wait_until(up, START_TIMEOUT, f"redis-server on {self.port}")
 
     def client(self, **options: Any) -> redis.Redis:
         """A plain redis-py client, for checking what the daemon wrote.

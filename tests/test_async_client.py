@@ -49,6 +49,7 @@ from clientlib.protocol import (
     encode_response,
 )
 
+from .polling import await_until
 from .processes import DaemonProcess
 
 Scenario = Callable[[], Awaitable[None]]
@@ -309,12 +310,12 @@ def test_execute_with_lock_keeps_the_lock_alive_with_the_connection(run: Runner,
                 async with c.execute_with_lock("e1", "w1", ttl=60):
                     assert (await watcher.is_workflow_locked("e1")).worker_id == "w1"
                     await c.aclose()  # the connection goes, as when a worker dies
+
             # The daemon notices the hang-up on its own time: poll with a deadline.
-            with anyio.fail_after(5):
-                while True:
-                    if not (await watcher.is_workflow_locked("e1")).locked:
-                        break
-                    await anyio.sleep(0.01)
+            async def released() -> bool:
+                return not (await watcher.is_workflow_locked("e1")).locked
+
+            await await_until(released, what="the keepalive lock's release")
 
     run(scenario)
 
@@ -774,9 +775,8 @@ def test_a_subscription_follows_a_daemon_restart(
             await anyio.to_thread.run_sync(daemon_process.start)
 
             async def change_once_resubscribed() -> None:
-                with anyio.fail_after(10):  # a counter, not an event: poll with a deadline
-                    while events.resubscribed == 0:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)
+                # a counter, not an event: poll with a deadline
+                await await_until(lambda: events.resubscribed > 0, what="resubscribed")
                 await c.start_workflow_tracking("after", "w", 2)
 
             async with anyio.create_task_group() as tasks:

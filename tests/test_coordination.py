@@ -435,12 +435,13 @@ async def test_keepalive_outlives_the_ttl_and_reports_a_lost_lock(
     session = FakeSession(1)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
-        assert (await service.acquire(session, "e1", "w1", 3, True, 0))["acquired"]
-        await trio.sleep(30)  # ten TTLs, in virtual time
+        ttl = 3
+        assert (await service.acquire(session, "e1", "w1", ttl, True, 0))["acquired"]
+        await trio.sleep(10 * ttl)  # virtual time: ten TTLs
         assert (await locks.status("e1"))["workerId"] == "w1"
         await store.delete(keys.lock("e1"))  # as if it expired, and ...
         await locks.acquire("e1", "thief", 300)  # ... someone else took it
-        await trio.sleep(3)
+        await trio.sleep(ttl)  # virtual time: the next extension comes in a third of it
         assert session.pushed == [("lock.lost", [{"executionId": "e1", "workerId": "w1"}])]
         assert service.kept == 0
         await session.close()  # releases nothing that is not ours

@@ -236,15 +236,15 @@ async def test_sweeper_task_runs_every_interval(autojump_clock: trio.testing.Moc
     from wksd.app import Daemon
     from wksd.config import Config
 
-    clock = ManualClock()
-    daemon = Daemon(Config(sweep_interval=60), clock=clock)
+    clock, interval = ManualClock(), 60
+    daemon = Daemon(Config(sweep_interval=interval), clock=clock)
     await daemon.memory.set("k", b"v", 1000)
     clock.advance(2)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(daemon._sweep_forever)
-        await trio.sleep(59)
+        await trio.sleep(interval - 1)  # virtual time: just before the first sweep
         assert len(daemon.memory) == 1
-        await trio.sleep(2)
+        await trio.sleep(2)  # virtual time: just after it
         assert len(daemon.memory) == 0
         nursery.cancel_scope.cancel()
     assert "wksd_sweeper_evictions_total 1.0" in daemon.metrics.render()

@@ -20,6 +20,7 @@ import redis
 
 from clientlib import Client
 
+from .polling import wait_until
 from .processes import DaemonProcess, require_binary
 from .redis_server import RedisServer, free_port
 
@@ -28,15 +29,6 @@ TIMEOUT = 0.25
 #: A request may take the timeout plus this much (DESIGN: "a small margin").
 #: Generous, for a loaded CI machine; an unbounded wait would be seconds more.
 MARGIN = 1.5
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    """Poll ``condition`` with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what or condition}")
-        time.sleep(0.01)
 
 
 def redis_env(url: str, **extra: str) -> dict[str, str]:
