@@ -251,6 +251,16 @@ async def test_locks_fail_closed_when_asked(proxy: Proxy, nursery: trio.Nursery)
     assert (await host.locks.release("e1", "w"))["released"]
 
 
+async def test_locks_fail_closed_when_the_link_breaks_mid_call(
+    proxy: Proxy, nursery: trio.Nursery
+) -> None:
+    """With WKSD_LOCKS_FAIL_CLOSED, an acquire whose link stalls under it is UNAVAILABLE too."""
+    host = await make_host(nursery, proxy.port, fail_closed=True)
+    proxy.stall()
+    with pytest.raises(Unavailable), trio.fail_after(TIMEOUT * 10):
+        await host.locks.acquire("e1", "w", 60)
+
+
 async def test_ping_reports_up_with_latency_then_down(host: Host, proxy: Proxy) -> None:
     """ping: ("up", ms) while connected; ("down", None) once the link is cut."""
     status, latency = await host.store.ping()

@@ -32,8 +32,8 @@ seed's layout, so the outage write (or delete) wins. Every outcome is counted
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 import structlog
 import trio
@@ -44,7 +44,7 @@ from clientlib.errors import Unavailable
 
 from ..keys import KeySpace
 from ..metrics import Metrics
-from .base import LockOutcome, WorkflowSnapshot, WorkflowSwap
+from .base import LockOutcome, Store, WorkflowSnapshot, WorkflowSwap
 from .memory import MemoryStore
 from .redis import RedisStore
 from .redis_link import LinkDown, RedisLink
@@ -53,6 +53,8 @@ from .redis_target import RedisTarget, WrongRole, open_link
 __all__ = ["FailoverStore", "Journal"]
 
 log = structlog.get_logger("wksd.redis")
+
+T = TypeVar("T")
 
 #: Seconds between health PINGs on an idle link: a Redis that died quietly
 #: is noticed this soon even when no request is running.
@@ -209,223 +211,151 @@ class FailoverStore:
             redis = self._redis
         return redis
 
+    # -- routing -------------------------------------------------------------------
+    async def _read(self, step: Callable[[Store], Awaitable[T]]) -> T:
+        """Run a read on Redis while it serves, else (or if the link breaks) on memory."""
+        result, _ = await self._on_either(await self._reader(), step)
+        return result
+
+    async def _write(self, step: Callable[[Store], Awaitable[T]]) -> tuple[T, bool]:
+        """As ``_read``, for a write; also whether Redis took it (so the caller
+        mirrors it into memory) or memory did (so the caller journals it)."""
+        return await self._on_either(await self._writer(), step)
+
+    async def _on_either(
+        self, redis: RedisStore | None, step: Callable[[Store], Awaitable[T]]
+    ) -> tuple[T, bool]:
+        if redis is not None:
+            try:
+                return await step(redis), True
+            except LinkDown as exc:
+                self._lost(redis, exc)
+        return await step(self._memory), False
+
     # -- the Store interface -----------------------------------------------------
     async def get(self, key: str) -> bytes | None:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.get(key)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.get(key)
+        return await self._read(lambda store: store.get(key))
 
     async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.get_with_ttl(key)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.get_with_ttl(key)
+        return await self._read(lambda store: store.get_with_ttl(key))
 
     async def members(self, key: str) -> list[str]:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.members(key)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.members(key)
+        return await self._read(lambda store: store.members(key))
 
     async def workflow_snapshot(
         self, keys: KeySpace, finished_since: int | None
     ) -> WorkflowSnapshot:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.workflow_snapshot(keys, finished_since)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.workflow_snapshot(keys, finished_since)
+        return await self._read(lambda store: store.workflow_snapshot(keys, finished_since))
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                await redis.set(key, value, ttl_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                self._memory.mirror_set(key, value, ttl_ms)
-                return
-        await self._memory.set(key, value, ttl_ms)
-        self._journal.note("key", key)
+        _, by_redis = await self._write(lambda store: store.set(key, value, ttl_ms))
+        if by_redis:
+            self._memory.mirror_set(key, value, ttl_ms)
+        else:
+            self._journal.note("key", key)
 
     async def delete(self, key: str) -> bool:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                existed = await redis.delete(key)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                self._memory.mirror_delete(key)
-                return existed
-        existed = await self._memory.delete(key)
-        self._journal.note("key", key)  # a delete goes back too, known here or not
+        existed, by_redis = await self._write(lambda store: store.delete(key))
+        if by_redis:
+            self._memory.mirror_delete(key)
+        else:
+            self._journal.note("key", key)  # a delete goes back too, known here or not
         return existed
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                existed = await redis.expire(key, ttl_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                self._memory.mirror_expire(key, ttl_ms)
-                return existed
-        existed = await self._memory.expire(key, ttl_ms)
-        if existed:
+        existed, by_redis = await self._write(lambda store: store.expire(key, ttl_ms))
+        if by_redis:
+            self._memory.mirror_expire(key, ttl_ms)
+        elif existed:
             self._journal.note("key", key)
         return existed
 
     async def lock_acquire(
         self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
     ) -> LockOutcome:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                outcome = await redis.lock_acquire(keys, execution_id, owner, ttl_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                # Mirror the holder either way: during an outage this host
-                # still knows the lock is taken, and by whom.
-                assert outcome.holder is not None
-                self._memory.mirror_lock(
-                    keys, execution_id, outcome.holder, outcome.token, outcome.ttl_ms
-                )
-                return outcome
-        if self._locks_fail_closed:
-            raise Unavailable("Redis is down and WKSD_LOCKS_FAIL_CLOSED is set")
-        outcome = await self._memory.lock_acquire(keys, execution_id, owner, ttl_ms)
-        if outcome.acquired:
+        def acquire(store: Store) -> Awaitable[LockOutcome]:
+            if store is self._memory and self._locks_fail_closed:
+                raise Unavailable("Redis is down and WKSD_LOCKS_FAIL_CLOSED is set")
+            return store.lock_acquire(keys, execution_id, owner, ttl_ms)
+
+        outcome, by_redis = await self._write(acquire)
+        if by_redis:
+            # Mirror the holder either way: during an outage this host still
+            # knows the lock is taken, and by whom.
+            assert outcome.holder is not None
+            self._memory.mirror_lock(
+                keys, execution_id, outcome.holder, outcome.token, outcome.ttl_ms
+            )
+        elif outcome.acquired:
             self._note_lock(execution_id, owner)
             self._journal.note("fencing", keys.fencing)
         return outcome
 
     async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                status = await redis.lock_release(keys, execution_id, owner)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                if status != "not_owner":
-                    self._memory.mirror_delete(
-                        keys.lock(execution_id), keys.lock_token(execution_id)
-                    )
-                return status
-        status = await self._memory.lock_release(keys, execution_id, owner)
+        status, by_redis = await self._write(
+            lambda store: store.lock_release(keys, execution_id, owner)
+        )
         if status != "not_owner":
-            # Released here, or unknown here but perhaps held in Redis by
-            # this owner: either way the release goes back.
-            self._note_lock(execution_id, owner)
+            if by_redis:
+                self._memory.mirror_delete(keys.lock(execution_id), keys.lock_token(execution_id))
+            else:
+                # Released here, or unknown here but perhaps held in Redis by
+                # this owner: either way the release goes back.
+                self._note_lock(execution_id, owner)
         return status
 
     async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                status = await redis.lock_extend(keys, execution_id, owner, ttl_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                if status == "extended":
-                    self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
-                return status
-        status = await self._memory.lock_extend(keys, execution_id, owner, ttl_ms)
+        status, by_redis = await self._write(
+            lambda store: store.lock_extend(keys, execution_id, owner, ttl_ms)
+        )
         if status == "extended":
-            self._note_lock(execution_id, owner)
+            if by_redis:
+                self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
+            else:
+                self._note_lock(execution_id, owner)
         return status
 
     async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                done = await redis.swap_workflow(keys, swap)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-            else:
-                if done:
-                    self._memory.mirror_workflow(keys, swap)
-                return done
-        done = await self._memory.swap_workflow(keys, swap)
+        done, by_redis = await self._write(lambda store: store.swap_workflow(keys, swap))
         if done:
-            self._journal.note("workflow", swap.execution_id)
+            if by_redis:
+                self._memory.mirror_workflow(keys, swap)
+            else:
+                self._journal.note("workflow", swap.execution_id)
         return done
 
     # -- coordination: routed, never journaled ---------------------------------
     # Leases and pub/sub are about this moment, and event history written
     # during an outage stays in this daemon's memory (README, Decisions).
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.get_many(keys)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.get_many(keys)
+        return await self._read(lambda store: store.get_many(keys))
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                return await redis.set_if_absent(key, value, ttl_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.set_if_absent(key, value, ttl_ms)
+        created, _ = await self._write(lambda store: store.set_if_absent(key, value, ttl_ms))
+        return created
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                return await redis.delete_if_equal(key, value)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.delete_if_equal(key, value)
+        deleted, _ = await self._write(lambda store: store.delete_if_equal(key, value))
+        return deleted
 
     async def publish(self, channel: str, message: bytes) -> None:
-        redis = self._redis
+        redis = self._redis  # no point waiting: a message now or never
         if redis is not None:
-            try:
-                await redis.publish(channel, message)
-            except LinkDown as exc:
-                self._lost(redis, exc)
+            await self._on_either(redis, lambda store: store.publish(channel, message))
 
     async def record_event(
         self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
-        redis = await self._writer()
-        if redis is not None:
-            try:
-                return await redis.record_event(keys, execution_id, event, at_ms, retain_ms)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        await self._memory.record_event(keys, execution_id, event, at_ms, retain_ms)
+        await self._write(
+            lambda store: store.record_event(keys, execution_id, event, at_ms, retain_ms)
+        )
 
     async def read_events(
         self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
     ) -> list[bytes]:
-        redis = await self._reader()
-        if redis is not None:
-            try:
-                return await redis.read_events(keys, execution_id, since_ms, limit)
-            except LinkDown as exc:
-                self._lost(redis, exc)
-        return await self._memory.read_events(keys, execution_id, since_ms, limit)
+        return await self._read(
+            lambda store: store.read_events(keys, execution_id, since_ms, limit)
+        )
 
     def _note_lock(self, execution_id: str, owner: str) -> None:
         self._journal.lock_owners[execution_id] = owner
