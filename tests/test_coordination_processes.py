@@ -102,6 +102,17 @@ def daemons(sock_path: str) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.close()
 
 
+@pytest.fixture
+def two_daemons(
+    daemons: Callable[..., DaemonProcess], redis_server: RedisServer
+) -> tuple[DaemonProcess, DaemonProcess]:
+    """Two daemons sharing one private Redis, each subscribed to the other's news."""
+    pair = (daemons(redis_env(redis_server.url)), daemons(redis_env(redis_server.url), "b.sock"))
+    for daemon in pair:
+        wait_until(lambda d=daemon: pubsub_up(d.path), what="subscribed")
+    return pair
+
+
 def test_eight_processes_racing_get_or_compute_compute_once(
     daemons: Callable[..., DaemonProcess], tmp_path: Path
 ) -> None:
@@ -111,13 +122,10 @@ def test_eight_processes_racing_get_or_compute_compute_once(
 
 
 def test_one_computation_across_two_daemons(
-    daemons: Callable[..., DaemonProcess], tmp_path: Path, redis_server: RedisServer
+    two_daemons: tuple[DaemonProcess, DaemonProcess], tmp_path: Path
 ) -> None:
     """Four workers on each of two daemons sharing Redis: one computation in the cluster."""
-    first = daemons(redis_env(redis_server.url))
-    second = daemons(redis_env(redis_server.url), "wksd2.sock")
-    for daemon in (first, second):
-        wait_until(lambda d=daemon: pubsub_up(d.path), what="subscribed")
+    first, second = two_daemons
     assert race([first.path, second.path], tmp_path) == [{"answer": 42}] * 8
 
 
@@ -215,13 +223,10 @@ def test_execute_with_lock_keeps_the_lock_alive(daemon_process: DaemonProcess) -
 
 
 def test_a_waiter_is_granted_within_100ms_of_a_release_through_another_daemon(
-    daemons: Callable[..., DaemonProcess], redis_server: RedisServer
+    two_daemons: tuple[DaemonProcess, DaemonProcess],
 ) -> None:
     """A release through daemon A wakes the waiter queued in daemon B at once (pub/sub)."""
-    first = daemons(redis_env(redis_server.url))
-    second = daemons(redis_env(redis_server.url), "wksd2.sock")
-    for daemon in (first, second):
-        wait_until(lambda d=daemon: pubsub_up(d.path), what="subscribed")
+    first, second = two_daemons
     granted: list[float] = []
 
     def wait_for_lock() -> None:
@@ -241,13 +246,10 @@ def test_a_waiter_is_granted_within_100ms_of_a_release_through_another_daemon(
 
 
 def test_events_cross_daemons_once(
-    daemons: Callable[..., DaemonProcess], redis_server: RedisServer
+    two_daemons: tuple[DaemonProcess, DaemonProcess], redis_server: RedisServer
 ) -> None:
     """Changes through daemon A reach a subscriber of daemon B, and A's subscriber once."""
-    first = daemons(redis_env(redis_server.url))
-    second = daemons(redis_env(redis_server.url), "wksd2.sock")
-    for daemon in (first, second):
-        wait_until(lambda d=daemon: pubsub_up(d.path), what="subscribed")
+    first, second = two_daemons
     with Client(first.path) as worker, Client(second.path) as other:
         remote = other.subscribe_workflows()
         local = worker.subscribe_workflows("e1")
