@@ -15,6 +15,15 @@ per batch. Backpressure is the socket itself: the daemon reads at most
 ``READ_CHUNK`` bytes ahead of what it has answered, and a client that stops
 reading its answers stops being read.
 
+A request that must wait (a lock with ``wait``, a value another caller is
+computing) is applied in order too, and its handler returns a ``Later``: the
+answer is sent by a task of the connection when it is ready, while the
+connection's later requests go on. That task, and pushed notifications
+(``Session.push``), write through ``_Connection.send``, so bytes never
+interleave. When the connection ends, its close callbacks run (keepalive
+locks are released, subscriptions and leases dropped); a peer that only
+half-closed still gets its pending answers first.
+
 End of input (a half-close) is answered like any pause: what was read is
 answered, then the connection closes. Undecodable bytes get a
 ``protocol_error`` notification after the answers to everything before them,
