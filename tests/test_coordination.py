@@ -240,6 +240,18 @@ async def test_subscribers_see_every_change_in_order(daemon: Daemon, connect: Co
     assert all(n.params[0]["at"] == n.params[0]["state"]["updatedAt"] for n in events)
 
 
+async def test_large_data_is_left_out_of_events(daemon: Daemon, connect: Connect) -> None:
+    """A change whose event would pass 64 KiB carries the state without its data."""
+    watcher, worker = await connect(), await connect()
+    await watcher.call("workflow.subscribe")
+    await worker.call("workflow.start", "big", "w", 2, {"blob": "x" * 100_000})
+    event = (await watcher.next_notification()).params[0]
+    assert event["dataOmitted"] is True and event["state"]["data"] == {}
+    assert event["state"]["totalSteps"] == 2
+    history = (await worker.call("workflow.events", "big")).result["events"]
+    assert history[0]["dataOmitted"] is True
+
+
 async def test_subscribing_to_one_execution(daemon: Daemon, connect: Connect) -> None:
     """A subscription to one id sees that id only; unsubscribe ends it."""
     watcher, worker = await connect(), await connect()

@@ -33,6 +33,11 @@ log = structlog.get_logger("wksd.events")
 #: Most events one ``workflow.events`` call returns.
 MAX_HISTORY: Final = 1000
 
+#: An event larger than this leaves the state's ``data`` out (and says so with
+#: ``"dataOmitted": true``): a workflow's data may be 1 MiB, and its history
+#: keeps a thousand events, which must not become a gigabyte in Redis.
+MAX_EVENT_BYTES: Final = 64 * 1024
+
 
 def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
@@ -60,10 +65,14 @@ class EventHub:
             "state": state,
             "at": state.get("updatedAt", 0),
         }
+        raw = _json(event)
+        if len(raw) > MAX_EVENT_BYTES:
+            event = {**event, "state": {**state, "data": {}}, "dataOmitted": True}
+            raw = _json(event)
         self._deliver(event)
         try:
             await self._store.record_event(
-                self._keys, event["executionId"], _json(event), event["at"], self._retain_ms
+                self._keys, event["executionId"], raw, event["at"], self._retain_ms
             )
             await self._store.publish(
                 self._keys.workflow_channel, _json({"origin": self._origin, "event": event})
