@@ -248,3 +248,21 @@ async def test_sweeper_task_runs_every_interval(autojump_clock: trio.testing.Moc
         assert len(daemon.memory) == 0
         nursery.cancel_scope.cancel()
     assert "wksd_sweeper_evictions_total 1.0" in daemon.metrics.render()
+
+
+async def test_event_histories_stay_within_their_budgets(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the byte budget or the counts, the oldest events and quietest executions go."""
+    import wksd.store.memory as memory
+
+    monkeypatch.setattr(memory, "EVENT_BYTES_BUDGET", 10_000)
+    event = b"x" * 1000
+    for index in range(30):
+        await store.record_event(KEYS, f"e{index % 3}", event, index, 60_000)
+    assert store._log_bytes <= 10_000 and store._all_bytes <= 10_000
+    assert len(await store.read_events(KEYS, None, -1, 100)) == 10
+    assert len(await store.read_events(KEYS, "e2", -1, 100)) > 0  # the latest execution stays
+    for index in range(2000):
+        await store.record_event(KEYS, "chatty", b"y", 100 + index, 60_000)
+    assert len(await store.read_events(KEYS, "chatty", -1, 5000)) == memory.EVENTS_PER_EXECUTION

@@ -65,8 +65,11 @@ __all__ = ["SWEEP_SLICE", "MemoryStore"]
 SWEEP_SLICE: Final = 1000
 
 #: Executions whose event history memory keeps; the longest quiet goes first.
-#: With EVENTS_PER_EXECUTION each, this bounds the histories' memory.
 MAX_EVENT_LOGS: Final = 10_000
+#: Bytes each of the two histories (per execution, and all) may hold in
+#: memory; past it the oldest events go. Events are at most 64 KiB each
+#: (wksd.events), so counts alone would allow gigabytes.
+EVENT_BYTES_BUDGET: Final = 64 * 1024 * 1024
 
 Value = bytes | MutableSet[str] | dict[str, int]
 
@@ -92,7 +95,9 @@ class MemoryStore:
         # Workflow event histories: per execution, and all (bounded deques).
         self._event_logs: OrderedDict[str, deque[tuple[int, bytes]]] = OrderedDict()
         self._event_expiry: dict[str, int] = {}
-        self._all_events: deque[tuple[int, bytes]] = deque(maxlen=EVENTS_IN_ALL)
+        self._log_bytes = 0
+        self._all_events: deque[tuple[int, bytes]] = deque()
+        self._all_bytes = 0
         #: Keys removed because their TTL ran out (lazily or by the sweeper).
         self.expired = 0
         #: API-cache entries dropped to make room.
@@ -255,15 +260,23 @@ class MemoryStore:
     async def record_event(
         self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
-        log = self._event_logs.pop(execution_id, None)
-        if log is None:
-            log = deque(maxlen=EVENTS_PER_EXECUTION)
-            while len(self._event_logs) >= MAX_EVENT_LOGS:
-                self._event_logs.popitem(last=False)  # the longest-quiet execution
+        log = self._event_logs.pop(execution_id, None) or deque()
         log.append((at_ms, event))
+        self._log_bytes += len(event)
+        if len(log) > EVENTS_PER_EXECUTION:
+            self._log_bytes -= len(log.popleft()[1])
         self._event_logs[execution_id] = log  # most recently active last
         self._event_expiry[execution_id] = self._now() + retain_ms
+        while len(self._event_logs) > 1 and (
+            len(self._event_logs) > MAX_EVENT_LOGS or self._log_bytes > EVENT_BYTES_BUDGET
+        ):
+            quiet, dropped = self._event_logs.popitem(last=False)  # the longest quiet
+            self._event_expiry.pop(quiet, None)
+            self._log_bytes -= sum(len(raw) for _, raw in dropped)
         self._all_events.append((at_ms, event))
+        self._all_bytes += len(event)
+        while len(self._all_events) > EVENTS_IN_ALL or self._all_bytes > EVENT_BYTES_BUDGET:
+            self._all_bytes -= len(self._all_events.popleft()[1])
 
     async def read_events(
         self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
@@ -272,7 +285,8 @@ class MemoryStore:
             log: Iterable[tuple[int, bytes]] = self._all_events
         else:
             if self._event_expiry.get(execution_id, 0) <= self._now():
-                self._event_logs.pop(execution_id, None)
+                expired = self._event_logs.pop(execution_id, ())
+                self._log_bytes -= sum(len(raw) for _, raw in expired)
                 self._event_expiry.pop(execution_id, None)
             log = self._event_logs.get(execution_id, ())
         return [event for at, event in log if at > since_ms][:limit]
