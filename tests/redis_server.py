@@ -106,7 +106,11 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._wait_until_up()
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.kill()  # a server that never came up is not left behind
+            raise
         return self
 
     def _wait_until_up(self) -> None:
