@@ -63,7 +63,12 @@ class DaemonProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        wait_until_serving(self.path, self.process)
+        try:
+            wait_until_serving(self.path, self.process)
+        except BaseException:
+            self.process.kill()  # a daemon that never served is not left behind
+            self.process.wait()
+            raise
         return self
 
     @property
