@@ -193,11 +193,9 @@ def lock_workflow_execution(
     wait: float = 0,
 ) -> Call[bool]:
     """Take the execution lock (see ``acquire_lock``); True when this worker holds it."""
+    call = acquire_lock(execution_id, worker_id, ttl, keepalive, wait)
     return Call(
-        "lock.acquire",
-        [execution_id, worker_id, ttl, keepalive, wait],
-        lambda result: bool(result["acquired"]),
-        extra_timeout=wait,
+        call.method, call.params, lambda result: bool(result["acquired"]), call.extra_timeout
     )
 
 
