@@ -19,7 +19,7 @@ from clientlib import Client, ComputeFailed, WorkflowEvent
 
 from .processes import DaemonProcess
 from .redis_server import RedisServer
-from .test_redis_faults import backend, redis_env, wait_until
+from .test_redis_faults import redis_env, serving_on_redis, wait_until
 
 #: How long the computing worker's ``fn`` works: long enough that all the
 #: racing workers ask while it computes, as they would for a slow API call.
@@ -172,9 +172,7 @@ def any_daemon(
     if request.param == "memory":
         return daemons()
     server: RedisServer = request.getfixturevalue("redis_server")
-    daemon = daemons(redis_env(server.url))
-    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
-    return daemon
+    return serving_on_redis(daemons, server.url)
 
 
 def test_a_sigkilled_worker_frees_its_keepalive_lock_at_once(any_daemon: DaemonProcess) -> None:

@@ -51,6 +51,15 @@ def redis_status(path: str) -> str:
         return c.health().redis_status
 
 
+def serving_on_redis(
+    daemon_on: Callable[..., DaemonProcess], url: str, **extra: str
+) -> DaemonProcess:
+    """Start the daemon on Redis at ``url`` and wait until Redis serves it."""
+    daemon = daemon_on(redis_env(url, **extra))
+    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    return daemon
+
+
 @pytest.fixture
 def daemon_on(sock_path: str) -> Iterator[Callable[..., DaemonProcess]]:
     """Start the daemon binary with the given environment; stopped after the test."""
@@ -145,8 +154,7 @@ def test_outage_under_load_costs_no_errors_and_loses_nothing(
     server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
     server.start()
     try:
-        daemon = daemon_on(redis_env(server.url))
-        wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+        daemon = serving_on_redis(daemon_on, server.url)
         with Load(daemon.path) as load:
             load.wait_ops(200)
             server.kill()
@@ -170,8 +178,7 @@ def test_stalled_redis_counts_as_down_after_the_timeout(
     redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
 ) -> None:
     """Redis frozen with SIGSTOP: no error, no request longer than the timeout plus a margin."""
-    daemon = daemon_on(redis_env(redis_server.url))
-    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    daemon = serving_on_redis(daemon_on, redis_server.url)
     with Load(daemon.path) as load:
         load.wait_ops(200)
         redis_server.pause()
@@ -293,8 +300,7 @@ def test_one_command_connection_however_many_clients(
     redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
 ) -> None:
     """Twenty busy clients, one Redis connection named wksd (CLIENT LIST)."""
-    daemon = daemon_on(redis_env(redis_server.url))
-    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    daemon = serving_on_redis(daemon_on, redis_server.url)
     clients = [Client(daemon.path) for _ in range(20)]
     barrier = threading.Barrier(21)
 
@@ -327,8 +333,7 @@ def test_password_from_a_systemd_credential(
     credentials.mkdir()
     (credentials / "redis-password").write_text("from-credential\n")
     try:
-        good = daemon_on(redis_env(server.url, CREDENTIALS_DIRECTORY=str(credentials)))
-        wait_until(lambda: backend(good.path) == "redis", what="logged in")
+        good = serving_on_redis(daemon_on, server.url, CREDENTIALS_DIRECTORY=str(credentials))
         bad = daemon_on(
             redis_env(server.url, REDIS_PASSWORD="wrong"),
             good.path.replace("wksd.sock", "bad.sock"),
@@ -371,8 +376,7 @@ def test_rediss_url_connects_over_tls(
     server = RedisServer(tmp_path / "tls", tls=(cert, key)).start()
     try:
         url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"
-        daemon = daemon_on(redis_env(url))
-        wait_until(lambda: backend(daemon.path) == "redis", what="TLS link serving")
+        daemon = serving_on_redis(daemon_on, url)
         with Client(daemon.path) as c:
             c.set_session("over-tls", {"ok": True})
         with server.client() as direct:
@@ -386,8 +390,7 @@ def test_keys_are_the_seeds_layout(
     redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
 ) -> None:
     """What wksd writes is what the TypeScript app reads, and the other way round."""
-    daemon = daemon_on(redis_env(redis_server.url))
-    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    daemon = serving_on_redis(daemon_on, redis_server.url)
     with Client(daemon.path) as c, redis_server.client() as direct:
         c.set_session("u1", {"role": "admin"})
         c.cache_api_response("abc123", {"items": [1]})
@@ -427,8 +430,7 @@ def test_sentinel_failover_is_followed_without_client_errors(
         sentinel=True,
     ).start()
     try:
-        daemon = daemon_on(redis_env(f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster"))
-        wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+        daemon = serving_on_redis(daemon_on, f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster")
         with sentinel.client() as watch:
             wait_until(
                 lambda: watch.execute_command("SENTINEL", "REPLICAS", "mymaster"),
