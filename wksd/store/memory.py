@@ -37,7 +37,7 @@ import heapq
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, MutableSet
 from itertools import islice
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -290,6 +290,22 @@ class MemoryStore:
                 self._event_expiry.pop(execution_id, None)
             log = self._event_logs.get(execution_id, ())
         return [event for at, event in log if at > since_ms][:limit]
+
+    # -- durability hooks for other parts of the daemon -----------------------
+    def record(self, op: list[Any]) -> None:
+        """Append ``op`` (a msgpack-able list whose first item is a str naming
+        it; names starting with "j" belong to the failover journal) to the
+        durable log, in the same frame as the memory changes of the request
+        being served. A no-op while the store is not durable."""
+
+    def take_foreign_ops(self) -> list[list[Any]]:
+        """Ops replayed at start that the memory store does not own (those
+        recorded with ``record``), in the order they were recorded; emptied."""
+        return []
+
+    def register_snapshot_source(self, source: Callable[[], list[list[Any]]]) -> None:
+        """At compaction, ``source()`` gives the ops that rebuild its owner's
+        state (e.g. the failover journal); they are written into the snapshot."""
 
     # -- copies of what Redis holds (see the module docstring) ---------------
     def mirror_set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
