@@ -18,16 +18,23 @@ from wksd.clock import ManualClock
 from wksd.keys import KeySpace
 from wksd.metrics import Metrics
 from wksd.store.base import Store
+from wksd.store.durable import DurableLog
 from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
 from wksd.store.redis import RedisStore
 from wksd.store.redis_target import RedisTarget, open_link
 
+from .durability import assert_same_state, replayed
 from .peers import connect  # noqa: F401 - the raw-connection fixture, for every module
 from .processes import DaemonProcess
 from .redis_server import RedisServer
 
-BACKENDS = ["memory", "fakeredis", "redis"]
+BACKENDS = ["memory", "durable", "fakeredis", "redis"]
+
+# Daemons the tests start are memory-only unless a test gives them a state
+# directory: the default (~/.local/state/wksd) would be shared by every test,
+# and a second daemon on it exits at start (one daemon per state directory).
+os.environ.setdefault("WKSD_STATE_DIR", "")
 
 
 @pytest.fixture
@@ -67,9 +74,21 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 async def store(
     request: pytest.FixtureRequest, clock: ManualClock, nursery: trio.Nursery
 ) -> AsyncIterator[Store]:
-    """The store under test: memory; RedisStore on fakeredis; the failover on redis-server."""
+    """The store under test: memory; memory over a durable log (checked at the
+    end: a replay of the log holds the same state); RedisStore on fakeredis;
+    the failover on redis-server."""
     if request.param == "memory":
         yield MemoryStore(clock=clock)
+    elif request.param == "durable":
+        directory = request.getfixturevalue("tmp_path") / "state"
+        directory.mkdir()
+        log = DurableLog(directory)
+        memory = MemoryStore(clock=clock, log=log)
+        memory.load(log.open())
+        yield memory
+        log.flush()
+        log.close()
+        assert_same_state(memory, replayed(directory, clock))
     elif request.param == "fakeredis":
         link = await open_link(request.getfixturevalue("fakeredis_target"), 5.0, nursery)
         await link.execute("FLUSHALL")

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -51,6 +52,7 @@ from .methods import (
 from .metrics import Metrics
 from .server import Server, bind_unix_socket
 from .store.base import Store
+from .store.durable import DurableLog, lock_state_dir
 from .store.failover import FailoverStore
 from .store.memory import MemoryStore
 from .store.redis_pubsub import Subscriber
@@ -86,15 +88,24 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.keys = keys = KeySpace(config.key_prefix)
         self.metrics = Metrics()
+        if redis is None and config.redis_enabled:
+            redis = RedisTarget.from_config(config)
+        self.durable = (
+            None if not config.state_dir else DurableLog(Path(config.state_dir), config.fsync)
+        )
         self.memory = MemoryStore(
             clock=self.clock,
             max_keys=config.memory_max_keys,
             evictable=lambda key: key.startswith(keys.cache_prefix),
+            protected=lambda key: key.startswith(keys.lock_prefix),
+            keep_writes=redis is not None,
+            log=self.durable,
         )
+        self._state_lock = -1
+        if self.durable is not None:
+            self._open_state(self.durable)
         self.metrics.observe_memory(self.memory)
         self.metrics.set_backend("memory")
-        if redis is None and config.redis_enabled:
-            redis = RedisTarget.from_config(config)
         self.failover = (
             None
             if redis is None
@@ -138,7 +149,11 @@ class Daemon:
                 backoff_max=config.redis_retry_max,
             )
         )
-        self.dispatcher = Dispatcher(self._methods(), self.metrics)
+        self.dispatcher = Dispatcher(
+            self._methods(),
+            self.metrics,
+            commit=None if self.durable is None else self.durable.commit,
+        )
         self._listen_socket = listen_socket
         self._http_socket: socket.socket | None = None
         self._owns_path = False
@@ -150,6 +165,30 @@ class Daemon:
         self._started = time.monotonic()
         self._stop = trio.Event()
         self.server: Server | None = None
+
+    def _open_state(self, durable: DurableLog) -> None:
+        """Lock the state directory and replay it into memory.
+
+        ``StateDirInUse`` if another daemon has it, ``CorruptState`` if a file
+        is damaged, ``OSError`` if it cannot be made or read.
+        """
+        self._state_lock = lock_state_dir(durable.directory)
+        try:
+            started = time.perf_counter()
+            held = self.memory.load(durable.open())
+            durable.set_freeze(self.memory.freeze)
+        except BaseException:
+            durable.close()
+            os.close(self._state_lock)
+            raise
+        log.info(
+            "state replayed",
+            state_dir=str(durable.directory),
+            keys=held,
+            ops=durable.replayed_ops,
+            seconds=round(time.perf_counter() - started, 3),
+            fsync=durable.fsync,
+        )
 
     def shutdown(self) -> None:
         """Ask ``run`` to drain and return (safe to call more than once)."""
@@ -375,6 +414,8 @@ class Daemon:
                 self.dispatcher, policy, self.metrics, max_message_bytes=config.max_message_bytes
             )
             async with trio.open_nursery() as nursery:
+                if self.durable is not None:
+                    await nursery.start(self.durable.run)
                 nursery.start_soon(self._sweep_forever)
                 await nursery.start(self.lock_service.run)
                 if self.subscriber is not None:
@@ -420,6 +461,11 @@ class Daemon:
             self._stop_listening(sock)
             if self._http_socket is not None:
                 self._http_socket.close()
+            if self.durable is not None:
+                await self.durable.aclose()
+            if self._state_lock >= 0:
+                os.close(self._state_lock)
+                self._state_lock = -1
         log.info("stopped")
 
     def _stop_listening(self, sock: socket.socket) -> None:

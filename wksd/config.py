@@ -20,7 +20,7 @@ from typing import Any, Final
 from clientlib import default_socket_path
 from clientlib.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "load_config"]
+__all__ = ["SETTINGS", "Config", "ConfigError", "default_state_dir", "load_config"]
 
 EX_CONFIG: Final = 78
 
@@ -260,6 +260,20 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "10",
     ),
     Setting(
+        "WKSD_STATE_DIR",
+        "state_dir",
+        str,
+        "directory of the durable store; empty: memory only, nothing on disk "
+        "(default: $STATE_DIRECTORY, else $XDG_STATE_HOME/wksd, else ~/.local/state/wksd)",
+    ),
+    Setting(
+        "WKSD_FSYNC",
+        "fsync",
+        _choice("always", "everysec", "no"),
+        "when the journal is fsynced, as Redis's appendfsync",
+        "everysec",
+    ),
+    Setting(
         "WKSD_METRICS_ADDR",
         "metrics_addr",
         _address,
@@ -280,6 +294,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "json",
     ),
 )
+
+
+#: Settings where an empty value is a choice, not "unset": an empty password,
+#: and an empty state directory (memory only).
+_EMPTY_MEANS_SOMETHING: Final = frozenset({"redis_password", "state_dir"})
+
+
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else the XDG state home."""
+    state_directory = environ.get("STATE_DIRECTORY")
+    if state_directory:
+        # systemd joins several StateDirectory= entries with colons.
+        return state_directory.split(":", 1)[0]
+    xdg = environ.get("XDG_STATE_HOME")
+    if xdg:
+        return os.path.join(xdg, "wksd")
+    home = environ.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".local", "state", "wksd")
 
 
 @dataclass(frozen=True)
@@ -311,6 +343,11 @@ class Config:
     key_prefix: str = "wks:"
     locks_fail_closed: bool = False
     shutdown_timeout: float = 10.0
+    #: The durable store's directory; "" (the default here, as for tests and
+    #: clientlib.testing) keeps everything in memory. ``load_config`` fills in
+    #: the default of DESIGN section 6 (``default_state_dir``).
+    state_dir: str = ""
+    fsync: str = "everysec"
     metrics_addr: tuple[str, int] | None = None
     log_level: str = "info"
     log_format: str = "json"
@@ -344,7 +381,7 @@ def load_config(
         given = flags.get(setting.attribute)
         source = setting.flag if given is not None else setting.variable
         text = given if given is not None else environ.get(setting.variable)
-        if text is None or (text == "" and setting.attribute != "redis_password"):
+        if text is None or (text == "" and setting.attribute not in _EMPTY_MEANS_SOMETHING):
             if setting.default is None:
                 continue
             text = setting.default
@@ -359,6 +396,8 @@ def load_config(
         values["redis_enabled"] = values["env"] == "production"
     if "socket" not in values:
         values["socket"] = default_socket_path(environ)
+    if "state_dir" not in values:
+        values["state_dir"] = default_state_dir(environ)
     config = Config(**values)
     if config.redis_password_file is not None and not Path(config.redis_password_file).is_file():
         raise ConfigError("REDIS_PASSWORD_FILE", f"no such file: {config.redis_password_file}")

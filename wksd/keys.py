@@ -33,6 +33,11 @@ class KeySpace:
         """SET of the execution ids that are running."""
         return f"{self.prefix}executions:active"
 
+    @property
+    def lock_prefix(self) -> str:
+        """Every lock key, token and the fencing counter start with it."""
+        return f"{self.prefix}lock:"
+
     def lock(self, execution_id: str) -> str:
         """The holder's worker id, as a plain string."""
         return f"{self.prefix}lock:execution:{execution_id}"

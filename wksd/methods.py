@@ -192,9 +192,18 @@ def finish_status(name: str, value: Any) -> str:
 class Dispatcher:
     """Looks a method up, checks access and params, runs it, counts it."""
 
-    def __init__(self, methods: Sequence[Method], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        methods: Sequence[Method],
+        metrics: Metrics,
+        *,
+        commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``commit`` runs after each handler, before its answer is returned:
+        the durable log's, so nothing is answered before it is journaled."""
         self.methods = {method.name: method for method in methods}
         self._stats = metrics.requests
+        self._commit = commit
 
     async def call(
         self,
@@ -221,10 +230,16 @@ class Dispatcher:
                 raise Forbidden(f"{name} is for admins only")
             args = method.bind(params, lenient)
             if not method.session:
-                return await method.handler(*args)
-            if session is None:
+                result = await method.handler(*args)
+            elif session is None:
                 raise BadRequest(f"{name} needs a connection of its own")
-            return await method.handler(session, *args)
+            else:
+                result = await method.handler(session, *args)
+            if self._commit is not None:
+                await self._commit()
+                if isinstance(result, Later):
+                    result = Later(self._committed(result.wait), result.give_up)
+            return result
         except RemoteError as exc:
             code = exc.code
             raise
@@ -235,3 +250,16 @@ class Dispatcher:
             raise InternalError("internal error; see the daemon's log") from exc
         finally:
             self._stats.observe(label, code, time.perf_counter() - started)
+
+    def _committed(self, wait: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """``wait``, then the commit: a lock granted after a wait is journaled
+        before it is answered."""
+        commit = self._commit
+        assert commit is not None
+
+        async def wait_then_commit() -> Any:
+            result = await wait()
+            await commit()
+            return result
+
+        return wait_then_commit

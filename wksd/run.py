@@ -13,24 +13,43 @@ import trio
 from .app import Daemon
 from .config import EX_CONFIG, ConfigError, load_config
 from .logs import configure_logging
+from .store.durable import CorruptState, StateDirInUse
 
 __all__ = ["run_daemon"]
 
 log = structlog.get_logger("wksd")
 
-#: EX_UNAVAILABLE from sysexits.h: the socket could not be bound.
+#: EX_UNAVAILABLE from sysexits.h: the socket could not be bound, or another
+#: daemon uses the state directory.
 EX_UNAVAILABLE: Final = 69
+#: EX_DATAERR: the state directory holds a damaged file.
+EX_DATAERR: Final = 65
+#: EX_CANTCREAT: the state directory cannot be made, locked or read.
+EX_CANTCREAT: Final = 73
 
 
 def run_daemon(argv: Sequence[str]) -> int:
-    """Serve until a signal; the exit status (0, 69 or 78)."""
+    """Serve until a signal; the exit status (0, or 65, 69, 73, 78 from sysexits.h)."""
     try:
         config = load_config(argv)
-        daemon = Daemon(config)
     except ConfigError as exc:
         print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log_level, config.log_format)
+    try:
+        daemon = Daemon(config)
+    except ConfigError as exc:
+        print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except StateDirInUse as exc:
+        print(f"wksd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except CorruptState as exc:
+        print(f"wksd: the state directory is damaged: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except OSError as exc:
+        print(f"wksd: cannot use the state directory {config.state_dir}: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     try:
         trio.run(_serve, daemon)
     except OSError as exc:
