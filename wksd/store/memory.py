@@ -744,7 +744,7 @@ class MemoryStore:
         wanted = set(keys)
         missing = [key for key in wanted if self._alive(key, now) is None]
         needed = len(self._data) + len(missing) - self.max_keys
-        if needed <= 0:
+        if needed <= 0 or not missing:  # rewriting keys needs no room, even past the bound
             return
         # Expired keys go first. The sweep may free more than needed, or
         # find stale heap entries only; look again after it either way.
