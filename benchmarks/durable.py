@@ -1,0 +1,220 @@
+"""What durability costs: a write on the durable default against memory only,
+and how long a restart takes to replay a large state.
+
+Two measurements, one run:
+
+- **write cost**: ``session.set`` of a small session through ``clientlib.Client``,
+  sequentially, on four daemons on the embedded default: memory only
+  (``WKSD_STATE_DIR=""``), and durable with ``WKSD_FSYNC`` ``no``, ``everysec``
+  (the default) and ``always``; next to a direct redis-py ``SET`` to a private
+  redis-server (no persistence) for scale. Rounds are interleaved so a noisy
+  neighbour hits every target alike; the figure is the median of the rounds'
+  p50s.
+- **replay**: a state directory holding ``--keys`` sessions (one million by
+  default) is written as a journal (one frame per key, as requests write it),
+  then replayed by a fresh memory store, timed; then compacted into a snapshot
+  and replayed again. The process's peak memory is reported too.
+
+Run from the repository root::
+
+    python benchmarks/durable.py                 # about a minute on 2 cores
+    python benchmarks/durable.py --quick         # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clientlib import Client
+from clientlib.errors import WksError
+from wksd.clock import SystemClock
+from wksd.store.durable import DurableLog
+from wksd.store.memory import MemoryStore
+
+SESSION = {"userId": "u1", "role": "admin", "name": "Ada Lovelace", "prefs": {"theme": "dark"}}
+
+
+def wait_for(path: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{path}: the daemon exited with {process.returncode}")
+        with contextlib.suppress(WksError), Client(path, timeout=1) as client:
+            client.ping()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{path}: the daemon did not start")
+
+
+def time_writes(call, ops: int) -> float:  # type: ignore[no-untyped-def]
+    """p50 in µs of ``ops`` calls."""
+    samples = []
+    for index in range(ops):
+        started = time.perf_counter_ns()
+        call(index)
+        samples.append(time.perf_counter_ns() - started)
+    return statistics.median(samples) / 1000
+
+
+def set_session(client: Client, index: int) -> None:
+    client.set_session(f"u{index}", SESSION)
+
+
+def write_cost(directory: Path, ops: int, rounds: int) -> dict[str, float]:
+    targets: dict[str, dict[str, str]] = {
+        "memory only": {"WKSD_STATE_DIR": ""},
+        "durable, fsync no": {"WKSD_FSYNC": "no"},
+        "durable, fsync everysec": {"WKSD_FSYNC": "everysec"},
+        "durable, fsync always": {"WKSD_FSYNC": "always"},
+    }
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for index, (name, env) in enumerate(targets.items()):
+            path = str(directory / f"d{index}.sock")
+            state = str(directory / f"state{index}")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "wksd", "--socket", path, "--log-level", "warning"],
+                env={**os.environ, "WKSD_STATE_DIR": state, **env},
+            )
+            stack.callback(process.wait)
+            stack.callback(process.terminate)
+            wait_for(path, process)
+            clients[name] = stack.enter_context(Client(path))
+        redis_dir = directory / "redis"
+        redis_dir.mkdir()
+        server = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(redis_dir / "r.sock"),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(redis_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        stack.callback(server.wait)
+        stack.callback(server.terminate)
+        direct = redis.Redis(unix_socket_path=str(redis_dir / "r.sock"))
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                direct.ping()
+                break
+            time.sleep(0.05)
+        import json
+
+        body = json.dumps(SESSION, separators=(",", ":"))
+        calls = {
+            "direct redis-py SET (Unix socket)": lambda i: direct.set(f"wks:session:u{i}", body),
+            **{name: functools.partial(set_session, client) for name, client in clients.items()},
+        }
+        results: dict[str, list[float]] = {name: [] for name in calls}
+        for call in calls.values():
+            time_writes(call, ops // 5)  # warm-up
+        for _ in range(rounds):
+            for name, call in calls.items():
+                results[name].append(time_writes(call, ops))
+        return {name: statistics.median(p50s) for name, p50s in results.items()}
+
+
+def replay(directory: Path, keys: int) -> dict[str, float]:
+    state = directory / "replay"
+    state.mkdir()
+    log = DurableLog(state)
+    memory = MemoryStore(clock=SystemClock(), max_keys=keys + 10, log=log)
+    memory.load(log.open())
+    value = b'{"userId":"u1","role":"admin","name":"Ada Lovelace","prefs":{"theme":"dark"}}'
+    started = time.perf_counter()
+
+    async def write_all() -> None:
+        for index in range(keys):
+            await memory.set(f"wks:session:user-{index}", value, 86_400_000)
+            log.flush()  # one frame per request, as the daemon writes them
+
+    trio.run(write_all)
+    written = time.perf_counter() - started
+    log.close()
+    journal_bytes = sum(path.stat().st_size for path in state.iterdir() if path.is_file())
+
+    def load() -> tuple[float, MemoryStore, DurableLog]:
+        fresh_log = DurableLog(state)
+        fresh = MemoryStore(clock=SystemClock(), max_keys=keys + 10, log=fresh_log)
+        started = time.perf_counter()
+        held = fresh.load(fresh_log.open())
+        elapsed = time.perf_counter() - started
+        assert held == keys, held
+        return elapsed, fresh, fresh_log
+
+    journal_replay, fresh, fresh_log = load()
+    fresh_log.set_freeze(fresh.freeze)
+    started = time.perf_counter()
+    trio.run(fresh_log.compact)
+    compact_seconds = time.perf_counter() - started
+    fresh_log.close()
+    del fresh
+    snapshot_bytes = (state / "snapshot").stat().st_size
+    snapshot_replay, _, last_log = load()
+    last_log.close()
+    return {
+        "keys": keys,
+        "write one frame per key, s": written,
+        "journal bytes": journal_bytes,
+        "replay of the journal, s": journal_replay,
+        "compaction, s": compact_seconds,
+        "snapshot bytes": snapshot_bytes,
+        "replay of the snapshot, s": snapshot_replay,
+        "peak RSS, MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=2000, help="writes per target per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the replay test")
+    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.ops, args.rounds, args.keys = 300, 2, 20_000
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="wksd-durable-", dir="/tmp") as name:
+        directory = Path(name)
+        costs = write_cost(directory, args.ops, args.rounds)
+        memory_only = costs["memory only"]
+        print(f"session.set, sequential p50 (median of {args.rounds} rounds of {args.ops})")
+        for target, p50 in costs.items():
+            print(f"  {target:36} {p50:8.1f} µs   {p50 / memory_only:5.2f} x memory only")
+        figures = replay(directory, args.keys)
+        print("replay")
+        for name, value in figures.items():
+            print(
+                f"  {name:36} {value:,.2f}"
+                if isinstance(value, float)
+                else f"  {name:36} {value:,}"
+            )
+
+
+if __name__ == "__main__":
+    main()
