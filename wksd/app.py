@@ -15,8 +15,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import trio
@@ -62,6 +63,8 @@ from .systemd import Notifier, inherited_socket
 __all__ = ["Daemon"]
 
 log = structlog.get_logger("wksd")
+
+T = TypeVar("T")
 
 SESSION_TTL = 86400.0  # seconds (DESIGN section 4)
 CACHE_TTL = 3600.0
@@ -486,7 +489,7 @@ class Daemon:
     async def _sweep_forever(self) -> None:
         while True:
             await trio.sleep(self.config.sweep_interval)
-            freed = await self.memory.sweep()
+            freed = await self._supervised("sweeper", self.memory.sweep)
             if freed:
                 self.metrics.sweeper_evictions.inc(freed)
 
@@ -494,9 +497,27 @@ class Daemon:
         while True:
             await trio.sleep(self.config.cleanup_interval)
             try:
-                await self._cleanup()
+                await self._supervised("cleanup", self._cleanup)
             except RemoteError as exc:
                 log.warning("workflow cleanup failed", error=exc.code)
+            if self.durable is not None:
+                # Nobody is answered for this work: flush it now anyway.
+                await self._supervised("journal", self.durable.commit)
+
+    async def _supervised(self, task: str, step: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one round of background work; a bug in it is logged with its
+        traceback and counted, and the next round runs as usual (None here).
+
+        Errors that are answers (``RemoteError``) pass through to the caller.
+        """
+        try:
+            return await step()
+        except RemoteError:
+            raise
+        except Exception:
+            self.metrics.supervisor_errors.labels(task).inc()
+            log.exception("background task failed; it runs again next round", task=task)
+            return None
 
 
 def _socket_name(sock: socket.socket) -> str | None:

@@ -227,6 +227,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.supervisor_errors = Counter(
+            "wksd_supervisor_errors_total",
+            "Unexpected errors in background work that was logged and retried, by task "
+            "(reconnect, write_back, ping, mirror).",
+            ["task"],
+            registry=registry,
+        )
         self.workflows_cleaned = Counter(
             "wksd_workflows_cleaned_total",
             "Active-set entries cleaned up.",
