@@ -37,6 +37,29 @@ def test_socket_default_follows_the_runtime_directories() -> None:
     assert load_config([], xdg).socket == "/run/user/1000/wksd/wksd.sock"
 
 
+def test_state_dir_default_follows_systemd_then_xdg() -> None:
+    """$STATE_DIRECTORY wins over $XDG_STATE_HOME/wksd, which wins over ~/.local/state/wksd."""
+    systemd = {"STATE_DIRECTORY": "/var/lib/wksd:/var/lib/other", "XDG_STATE_HOME": "/x"}
+    assert load_config([], systemd).state_dir == "/var/lib/wksd"
+    assert load_config([], {"XDG_STATE_HOME": "/x"}).state_dir == "/x/wksd"
+    assert load_config([], {"HOME": "/home/u"}).state_dir == "/home/u/.local/state/wksd"
+    assert load_config([], {}).fsync == "everysec"
+
+
+def test_empty_state_dir_means_memory_only() -> None:
+    """WKSD_STATE_DIR= (or --state-dir '') is a choice, not "unset": nothing on disk."""
+    assert load_config([], {"WKSD_STATE_DIR": "", "HOME": "/home/u"}).state_dir == ""
+    assert load_config(["--state-dir", ""], {"HOME": "/home/u"}).state_dir == ""
+    assert Config().state_dir == ""  # constructed directly (tests, clientlib.testing)
+
+
+def test_fsync_takes_redis_words_only() -> None:
+    """always, everysec, no; anything else names WKSD_FSYNC."""
+    assert load_config([], {"WKSD_FSYNC": "Always"}).fsync == "always"
+    with pytest.raises(ConfigError, match="WKSD_FSYNC"):
+        load_config([], {"WKSD_FSYNC": "sometimes"})
+
+
 def test_flags_win_over_environment() -> None:
     """A flag overrides its variable."""
     config = load_config(
