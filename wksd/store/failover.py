@@ -10,8 +10,17 @@ call and every later one is served from memory, which already knows this
 host's sessions, workflows and locks from the mirror. The client sees no
 error, only the latency of the timeout at worst.
 
-Writes made in memory during the outage are noted in a ``Journal``. The
-supervisor task (``run``) reconnects with capped, jittered backoff, forever;
+Writes made in memory during the outage are noted in a ``Journal``, and the
+journal goes into the memory store's durable log with the write itself
+(``MemoryStore.record``), so an outage not yet written back survives a
+restart of the daemon: at start the journal is rebuilt from the log's ops
+(``take_foreign_ops``) and at compaction it gives the ops that rebuild it
+(``register_snapshot_source``). When a plain key (a session, a cache entry)
+is first journaled, the journal also keeps what this host last saw of it: the
+memory store's copy just before the outage write, or "absent" when there was
+none (never seen, evicted, deleted).
+
+The supervisor task (``run``) reconnects with capped, jittered backoff, forever;
 when Redis answers again it writes the journal back with the conflict rules
 of DESIGN section 5 (``_restore``), many entries at once over the pipelined
 link, while memory keeps serving. Clients that rewrite the same keys would
@@ -20,20 +29,34 @@ final phase begins: new writes wait (reads go on from memory, which is then
 exactly current), the last entries go back, Redis takes over, and the waiting
 writes go to Redis. The wait is the time to write back those few entries, and
 never more than the Redis timeout, since a stalled link breaks and releases it.
+Any error in connecting, writing back or pinging, expected or a bug, is
+logged, counted (``wksd_supervisor_errors_total`` for the unexpected ones)
+and retried after the backoff; memory serves meanwhile and the journal keeps
+every entry not yet written back.
 
-Conflict rules: a workflow state goes back unless Redis holds one with an
-``updatedAt`` as new or newer; a lock goes back unless Redis gave it to
-someone else, whose it stays; the fencing counter is raised to the highest
-token memory issued; sessions and cache entries carry no write time in the
-seed's layout, so the outage write (or delete) wins. Every outcome is counted
-(``wksd_reconciled_keys_total``) and conflicts are logged.
+Conflict rules (write-back never undoes what another host wrote meanwhile):
+a workflow state goes back unless Redis holds one with an ``updatedAt`` as
+new or newer, or a finished one while ours is still running (the seed's app
+completes a run without touching ``updatedAt``); a session, cache entry or
+delete goes back only if Redis still holds what this host last saw (a
+compare-and-set in Lua); a lock goes back unless Redis gave it to someone
+else, whose it stays; the fencing counter is raised to the highest token
+memory issued. When Redis's value stays, memory takes a copy of it. Every
+outcome is counted (``wksd_reconciled_keys_total``) and conflicts are logged.
+
+A write Redis applied is answered as a success even if copying it into
+memory fails: the copy of that key is dropped instead (``_mirror``). With
+``WKSD_LOCKS_FAIL_CLOSED`` an outage refuses ``lock.acquire`` and
+``lock.extend`` (``Unavailable``), so a lock held through it expires at the
+deadline Redis last confirmed; releases go on and are written back.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import structlog
 import trio
@@ -75,25 +98,70 @@ FINAL_PHASE_ENTRIES: Final = 512
 MAX_OPEN_PASSES: Final = 8
 
 
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+#: ``Journal.note``'s base when the entry's kind compares against none
+#: (workflows, locks and the fencing counter have rules of their own).
+NO_BASE: Final = _Unset.UNSET
+
+#: What a plain key's write-back compares against: the value this host last
+#: saw, None for "absent".
+Base = bytes | None
+
+
+def _no_record(op: list[Any]) -> None:
+    return None
+
+
 class Journal:
     """What memory changed while Redis was away: (kind, name) -> version.
 
     A version, not a flag: if the same key changes again while it is being
     written back, the newer change must not be forgotten when the older one
-    is settled.
+    is settled. A plain key's entry also keeps its *base*, what this host last
+    saw of the key before the outage (``base``).
+
+    Every change is also handed to ``record`` as an op, a msgpack-able list:
+    ``["jn", kind, name]`` or ``["jn", kind, name, base]`` (note),
+    ``["jb", kind, name, base]`` (rebase), ``["js", kind, name]`` (settle),
+    ``["jo", execution_id, owner]`` (a lock's owner). ``apply`` rebuilds the
+    journal from them, and ``snapshot`` gives the ops that rebuild it now.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: Callable[[list[Any]], None] = _no_record) -> None:
         self._entries: dict[tuple[str, str], int] = {}
+        self._bases: dict[tuple[str, str], Base] = {}
+        self._owners: dict[str, str] = {}
         self._version = 0
-        self.lock_owners: dict[str, str] = {}
+        self._record = record
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def note(self, kind: str, name: str) -> None:
-        self._version += 1
-        self._entries[(kind, name)] = self._version
+    def note(self, kind: str, name: str, base: Base | _Unset = NO_BASE) -> None:
+        """Journal a change; ``base`` counts only when the entry is new."""
+        self._record(["jn", kind, name] if base is NO_BASE else ["jn", kind, name, base])
+        self._note(kind, name, base)
+
+    def note_owner(self, execution_id: str, owner: str) -> None:
+        """The worker whose lock on ``execution_id`` changed, for its write-back."""
+        self._record(["jo", execution_id, owner])
+        self._owners[execution_id] = owner
+
+    def owner(self, execution_id: str) -> str:
+        return self._owners.get(execution_id, "")
+
+    def base(self, kind: str, name: str) -> Base:
+        """What this host last saw of the entry's key (None: absent)."""
+        return self._bases.get((kind, name))
+
+    def rebase(self, kind: str, name: str, base: Base) -> None:
+        """Redis holds ``base`` now (written back while the entry changed again)."""
+        if (kind, name) in self._entries:
+            self._record(["jb", kind, name, base])
+            self._bases[(kind, name)] = base
 
     def pending(self) -> list[tuple[str, str, int]]:
         return [(kind, name, version) for (kind, name), version in self._entries.items()]
@@ -102,8 +170,49 @@ class Journal:
         """Forget an entry written back, unless it changed again since."""
         if self._entries.get((kind, name)) != version:
             return False
-        del self._entries[(kind, name)]
+        self._record(["js", kind, name])
+        self._settle(kind, name)
         return True
+
+    def apply(self, op: list[Any]) -> None:
+        """Rebuild state from one recorded op (nothing is recorded again)."""
+        match op:
+            case ["jn", str(kind), str(name)]:
+                self._note(kind, name, NO_BASE)
+            case ["jn", str(kind), str(name), bytes() | None as base]:
+                self._note(kind, name, base)
+            case ["jb", str(kind), str(name), bytes() | None as base]:
+                if (kind, name) in self._entries:
+                    self._bases[(kind, name)] = base
+            case ["js", str(kind), str(name)]:
+                self._settle(kind, name)
+            case ["jo", str(execution_id), str(owner)]:
+                self._owners[execution_id] = owner
+            case _:
+                raise ValueError(f"not a journal op: {op[:1]!r}")
+
+    def snapshot(self) -> list[list[Any]]:
+        """Ops that rebuild the journal as it is now, entries in their order."""
+        ops: list[list[Any]] = [["jo", eid, owner] for eid, owner in self._owners.items()]
+        for kind, name in self._entries:
+            if (kind, name) in self._bases:
+                ops.append(["jn", kind, name, self._bases[(kind, name)]])
+            else:
+                ops.append(["jn", kind, name])
+        return ops
+
+    def _note(self, kind: str, name: str, base: Base | _Unset) -> None:
+        entry = (kind, name)
+        if entry not in self._entries and base is not NO_BASE:
+            self._bases[entry] = base
+        self._version += 1
+        self._entries[entry] = self._version
+
+    def _settle(self, kind: str, name: str) -> None:
+        self._entries.pop((kind, name), None)
+        self._bases.pop((kind, name), None)
+        if kind == "lock":
+            self._owners.pop(name, None)
 
 
 class FailoverStore:
@@ -127,7 +236,13 @@ class FailoverStore:
         self._locks_fail_closed = locks_fail_closed
         self._redis: RedisStore | None = None
         self._link: RedisLink | None = None
-        self._journal = Journal()
+        self._journal = Journal(memory.record)
+        for op in memory.take_foreign_ops():  # the outage a restart interrupted
+            if op and isinstance(op[0], str) and op[0].startswith("j"):
+                self._journal.apply(op)
+            else:
+                log.warning("ignoring an unknown op in the durable log", op=str(op[:1])[:32])
+        memory.register_snapshot_source(self._journal.snapshot)
         #: up (connected), down (cannot reach it), error (reached, but refused us).
         self.redis_status = "down"
         self._listeners: list[Callable[[str], None]] = []
@@ -135,7 +250,10 @@ class FailoverStore:
         self._switching: trio.Event | None = None  # not None while writes wait (final phase)
         self._first_attempt = trio.Event()
         self._counts: dict[str, int] = {}
+        self._task = "reconnect"  # what the supervisor is doing, for its error counter
         metrics.set_backend("memory")
+        if self._journal:
+            log.info("outage writes from before the restart", pending_writes=len(self._journal))
 
     # -- state ------------------------------------------------------------------
     @property
@@ -248,27 +366,46 @@ class FailoverStore:
         return await self._read(lambda store: store.workflow_snapshot(keys, finished_since))
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
-        _, by_redis = await self._write(lambda store: store.set(key, value, ttl_ms))
+        _, by_redis = await self._write_plain(
+            key, lambda store: store.set(key, value, ttl_ms), lambda _: True
+        )
         if by_redis:
-            self._memory.mirror_set(key, value, ttl_ms)
-        else:
-            self._journal.note("key", key)
+            self._mirror(lambda: self._memory.mirror_set(key, value, ttl_ms), key)
 
     async def delete(self, key: str) -> bool:
-        existed, by_redis = await self._write(lambda store: store.delete(key))
+        # A delete goes back too, known here or not.
+        existed, by_redis = await self._write_plain(
+            key, lambda store: store.delete(key), lambda _: True
+        )
         if by_redis:
-            self._memory.mirror_delete(key)
-        else:
-            self._journal.note("key", key)  # a delete goes back too, known here or not
+            self._mirror(lambda: self._memory.mirror_delete(key), key)
         return existed
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
-        existed, by_redis = await self._write(lambda store: store.expire(key, ttl_ms))
+        existed, by_redis = await self._write_plain(
+            key, lambda store: store.expire(key, ttl_ms), lambda existed: existed
+        )
         if by_redis:
-            self._memory.mirror_expire(key, ttl_ms)
-        elif existed:
-            self._journal.note("key", key)
+            self._mirror(lambda: self._memory.mirror_expire(key, ttl_ms), key)
         return existed
+
+    async def _write_plain(
+        self, key: str, step: Callable[[Store], Awaitable[T]], changed: Callable[[T], bool]
+    ) -> tuple[T, bool]:
+        """``_write`` for a plain key; in memory, a change (``changed``) is journaled
+        with what this host last saw of the key just before it."""
+
+        async def routed(store: Store) -> T:
+            if store is not self._memory:
+                return await step(store)
+            # No checkpoint from here to the note: nothing else runs between.
+            seen = await self._memory.get(key)
+            result = await step(store)
+            if changed(result):
+                self._journal.note("key", key, seen)
+            return result
+
+        return await self._write(routed)
 
     async def lock_acquire(
         self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
@@ -283,8 +420,13 @@ class FailoverStore:
             # Mirror the holder either way: during an outage this host still
             # knows the lock is taken, and by whom.
             assert outcome.holder is not None
-            self._memory.mirror_lock(
-                keys, execution_id, outcome.holder, outcome.token, outcome.ttl_ms
+            holder = outcome.holder
+            self._mirror(
+                lambda: self._memory.mirror_lock(
+                    keys, execution_id, holder, outcome.token, outcome.ttl_ms
+                ),
+                keys.lock(execution_id),
+                keys.lock_token(execution_id),
             )
         elif outcome.acquired:
             self._note_lock(execution_id, owner)
@@ -296,8 +438,9 @@ class FailoverStore:
             lambda store: store.lock_release(keys, execution_id, owner)
         )
         if status != "not_owner":
+            lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
             if by_redis:
-                self._memory.mirror_delete(keys.lock(execution_id), keys.lock_token(execution_id))
+                self._mirror(lambda: self._memory.mirror_delete(lock_key, token_key), lock_key)
             else:
                 # Released here, or unknown here but perhaps held in Redis by
                 # this owner: either way the release goes back.
@@ -305,12 +448,23 @@ class FailoverStore:
         return status
 
     async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
-        status, by_redis = await self._write(
-            lambda store: store.lock_extend(keys, execution_id, owner, ttl_ms)
-        )
+        def extend(store: Store) -> Awaitable[str]:
+            if store is self._memory and self._locks_fail_closed:
+                # Never past the expiry Redis last confirmed: the memory copy
+                # keeps that deadline, and the holder is told when it passes.
+                raise Unavailable("Redis is down and WKSD_LOCKS_FAIL_CLOSED is set")
+            return store.lock_extend(keys, execution_id, owner, ttl_ms)
+
+        status, by_redis = await self._write(extend)
         if status == "extended":
             if by_redis:
-                self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
+                lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+
+                def copy() -> None:
+                    self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
+                    self._memory.mirror_expire(token_key, ttl_ms)
+
+                self._mirror(copy, lock_key, token_key)
             else:
                 self._note_lock(execution_id, owner)
         return status
@@ -319,10 +473,26 @@ class FailoverStore:
         done, by_redis = await self._write(lambda store: store.swap_workflow(keys, swap))
         if done:
             if by_redis:
-                self._memory.mirror_workflow(keys, swap)
+                self._mirror(
+                    lambda: self._memory.mirror_workflow(keys, swap),
+                    keys.workflow(swap.execution_id),
+                )
             else:
                 self._journal.note("workflow", swap.execution_id)
         return done
+
+    def _mirror(self, copy: Callable[[], None], *keys: str) -> None:
+        """Copy into memory a write Redis applied. Redis's answer stands whatever
+        happens here: if the copy fails, the (now stale) copy of ``keys`` goes."""
+        try:
+            copy()
+        except Exception:
+            log.exception("copying a write into memory failed; dropping that copy")
+            self._metrics.supervisor_errors.labels("mirror").inc()
+            try:
+                self._memory.mirror_delete(*keys)
+            except Exception:
+                log.exception("dropping a memory copy failed")
 
     # -- coordination: routed, never journaled ---------------------------------
     # Leases and pub/sub are about this moment, and event history written
@@ -358,25 +528,33 @@ class FailoverStore:
         )
 
     def _note_lock(self, execution_id: str, owner: str) -> None:
-        self._journal.lock_owners[execution_id] = owner
+        self._journal.note_owner(execution_id, owner)
         self._journal.note("lock", execution_id)
 
     # -- the supervisor ------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, write back, serve, and reconnect after every failure, forever."""
+        """Connect, write back, serve, and reconnect after every failure, forever.
+
+        No error ends it: one it does not expect (a bug in the write-back, say)
+        is logged with its traceback, counted, and retried after the backoff.
+        """
         task_status.started()
         failures = 0
         while True:
             served = False
-            async with trio.open_nursery() as nursery:
-                try:
-                    link = await open_link(self._target, self._timeout, nursery, self._metrics)
-                    self._link = link
-                    served = await self._serve(link, nursery)
-                except (RedisError, OSError) as exc:
-                    self._failed(exc, failures)
-                    self._first_attempt.set()
-                nursery.cancel_scope.cancel()
+            self._task = "reconnect"
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        link = await open_link(self._target, self._timeout, nursery, self._metrics)
+                        self._link = link
+                        served = await self._serve(link, nursery)
+                    except (RedisError, OSError) as exc:
+                        self._failed(exc, failures)
+                    nursery.cancel_scope.cancel()
+            except Exception as exc:  # a supervisor outlives any bug; Cancelled still ends it
+                self._crashed(exc, self._task)
+            self._first_attempt.set()
             self._link = None
             failures = 0 if served else failures + 1
             if failures == START_RETRIES + 1 and not served:
@@ -399,7 +577,9 @@ class FailoverStore:
         log.info(
             "redis connected", target=self._target.describe(), pending_writes=len(self._journal)
         )
+        self._task = "write_back"
         await self._reconcile_and_switch(redis)
+        self._task = "reconnect"
         self._first_attempt.set()
         self._metrics.redis_reconnects.inc()
         log.info("redis serving")
@@ -407,6 +587,24 @@ class FailoverStore:
         reason = await link.wait_broken()
         self._lost(redis, reason)
         return True
+
+    def _crashed(self, exc: Exception, task: str) -> None:
+        """An error nobody expected: log it whole, count it, serve from memory."""
+        if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+            inner = exc.exceptions[0]  # the nursery's wrapping says nothing
+            if isinstance(inner, Exception):
+                exc = inner
+        self._metrics.supervisor_errors.labels(task).inc()
+        self.redis_status = "error"
+        self._metrics.redis_connection_status.set(0)
+        if self._redis is not None:
+            self._switch(None)
+        log.error(
+            "redis supervisor failed; serving from memory and retrying",
+            task=task,
+            pending_writes=len(self._journal),
+            exc_info=exc,
+        )
 
     def _failed(self, exc: BaseException, failures: int) -> None:
         refused = isinstance(exc, (AuthenticationError, WrongRole, ResponseError))
@@ -432,6 +630,9 @@ class FailoverStore:
             except ResponseError as exc:
                 link.fail(exc)
                 return
+            except Exception:  # not the link's fault as far as we know: ping again
+                log.exception("redis health ping failed")
+                self._metrics.supervisor_errors.labels("ping").inc()
 
     # -- reconciliation ----------------------------------------------------------------
     async def _reconcile_and_switch(self, redis: RedisStore) -> None:
@@ -453,15 +654,18 @@ class FailoverStore:
             log.info("outage writes reconciled", **self._counts)
 
     async def _restore_all(self, redis: RedisStore, pending: list[tuple[str, str, int]]) -> None:
-        """Write back ``pending`` entries, several at once; the first error is raised."""
+        """Write back ``pending`` entries, several at once; the first error is raised.
+
+        An entry that fails stays in the journal, to go back on the next try.
+        """
         limiter = trio.CapacityLimiter(RESTORE_CONCURRENCY)
-        failures: list[BaseException] = []
+        failures: list[Exception] = []
 
         async def restore(kind: str, name: str, version: int) -> None:
             async with limiter:
                 try:
-                    outcome, keys = await self._restore(redis, kind, name)
-                except (RedisError, OSError) as exc:
+                    outcome, finish = await self._restore(redis, kind, name)
+                except Exception as exc:
                     failures.append(exc)
                     nursery.cancel_scope.cancel()
                     return
@@ -471,8 +675,7 @@ class FailoverStore:
                 log.warning("reconcile conflict; Redis's value kept", kind=kind)
             else:
                 self._counts["written"] += 1
-            if self._journal.settle(kind, name, version):
-                self._memory.mark_clean(*keys)
+            finish(self._journal.settle(kind, name, version))
 
         async with trio.open_nursery() as nursery:
             for entry in pending:
@@ -480,46 +683,81 @@ class FailoverStore:
         if failures:
             raise failures[0]
 
-    async def _restore(self, redis: RedisStore, kind: str, name: str) -> tuple[str, list[str]]:
-        """Write one journal entry back: its outcome, and the memory keys now clean."""
+    async def _restore(
+        self, redis: RedisStore, kind: str, name: str
+    ) -> tuple[str, Callable[[bool], None]]:
+        """Write one journal entry back: its outcome, and what to do to memory
+        once the entry is settled (called with True) or found changed again."""
         memory, keys = self._memory, self._keys
         if kind == "key":
             value, ttl = await memory.get_with_ttl(name)
-            return await redis.restore_plain(name, value, ttl), [name]
+            restored = await redis.restore_plain(name, self._journal.base(kind, name), value, ttl)
+
+            def finish_key(settled: bool) -> None:
+                if restored.outcome == "conflict":
+                    if settled:  # memory copies what Redis kept
+                        self._copy(name, restored.current, restored.ttl_ms)
+                elif settled:
+                    memory.mark_clean(name)
+                else:  # changed again meanwhile: the next try compares with ours
+                    self._journal.rebase(kind, name, value)
+
+            return restored.outcome, finish_key
         if kind == "fencing":
             token = int(await memory.get(name) or b"0")
             await redis.raise_counter(name, token)
-            return "written", []
+            return "written", _nothing
         if kind == "lock":
             lock_key, token_key = keys.lock(name), keys.lock_token(name)
             holder, ttl = await memory.get_with_ttl(lock_key)
             if holder is None:
-                owner = self._journal.lock_owners.get(name, "")
-                status = await redis.lock_release(keys, name, owner)
-                return ("deleted" if status == "released" else "kept"), []
+                status = await redis.lock_release(keys, name, self._journal.owner(name))
+                return ("deleted" if status == "released" else "kept"), _nothing
             token = int(await memory.get(token_key) or b"0")
             outcome = await redis.restore_lock(
                 keys, name, holder.decode(), ttl if ttl is not None else 1, token
             )
-            return outcome, [lock_key, token_key]
+            return (
+                outcome,
+                lambda settled: memory.mark_clean(lock_key, token_key) if settled else None,
+            )
         # kind == "workflow"
         state_key = keys.workflow(name)
         raw, ttl = await memory.get_with_ttl(state_key)
         if raw is None:
-            return await redis.retire_workflow(keys, name), []
+            return await redis.retire_workflow(keys, name), _nothing
         state = json.loads(raw)
-        finished_at = (
-            state.get("completedAt")
-            if state.get("status") in ("completed", "failed", "cancelled")
-            else None
-        )
-        written = await redis.restore_workflow(
+        finished = state.get("status") in ("completed", "failed", "cancelled")
+        restored = await redis.restore_workflow(
             keys,
             name,
             raw,
             ttl,
-            int(state.get("updatedAt", 0)),
+            int(state.get("updatedAt") or 0),
             active=name in await memory.members(keys.active),
-            finished_at=finished_at,
+            finished_at=state.get("completedAt") if finished else None,
+            finished=finished,
         )
-        return ("written" if written == "written" else "conflict"), [state_key]
+
+        def finish_workflow(settled: bool) -> None:
+            if not settled:
+                return
+            if restored.outcome != "conflict":
+                memory.mark_clean(state_key)
+                return
+            current = restored.current
+            copy = WorkflowSwap(name, None, current, restored.ttl_ms, active=restored.active)
+            self._mirror(lambda: memory.mirror_workflow(keys, copy), state_key)
+
+        return restored.outcome, finish_workflow
+
+    def _copy(self, key: str, value: bytes | None, ttl_ms: int | None) -> None:
+        """Make memory's copy of ``key`` what Redis holds."""
+        if value is None:
+            self._mirror(lambda: self._memory.mirror_delete(key), key)
+        else:
+            self._mirror(lambda: self._memory.mirror_set(key, value, ttl_ms), key)
+
+
+def _nothing(settled: bool) -> None:
+    return None

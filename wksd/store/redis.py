@@ -9,6 +9,7 @@ that reconciliation after an outage needs (``restore_*``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -30,6 +31,7 @@ from .scripts import (
     RAISE_COUNTER,
     RECORD_EVENT,
     RESTORE_LOCK,
+    RESTORE_PLAIN,
     RESTORE_WORKFLOW,
     SCRIPTS,
     WORKFLOW_SNAPSHOT,
@@ -37,7 +39,20 @@ from .scripts import (
     Script,
 )
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "Restored"]
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """The outcome of a conditional write-back: ``written``, ``deleted`` or
+    ``conflict``; on a conflict, what Redis holds instead (``current``, None
+    for nothing), the ms it has left, and for a workflow whether its id is in
+    the active set."""
+
+    outcome: str
+    current: bytes | None = None
+    ttl_ms: int | None = None
+    active: bool = False
 
 
 def _ttl(reply: int) -> int | None:
@@ -181,13 +196,28 @@ class RedisStore:
         return [dict(zip(fields[::2], fields[1::2], strict=True))[b"e"] for _, fields in entries]
 
     # -- reconciliation after an outage ---------------------------------------
-    async def restore_plain(self, key: str, value: bytes | None, ttl_ms: int | None) -> str:
-        """Write back a session, cache entry or other plain key: ours wins."""
-        if value is None:
-            await self.link.execute("DEL", key)
-            return "deleted"
-        await self.set(key, value, ttl_ms)
-        return "written"
+    async def restore_plain(
+        self, key: str, seen: bytes | None, value: bytes | None, ttl_ms: int | None
+    ) -> Restored:
+        """Write back (or delete, ``value`` None) a session, cache entry or other
+        plain key, only if Redis still holds ``seen`` (None: absent), what this
+        host last saw before the outage; otherwise Redis's value stays."""
+        reply = await self._run(
+            RESTORE_PLAIN,
+            [key],
+            [
+                "0" if seen is None else "1",
+                b"" if seen is None else seen,
+                "0" if value is None else "1",
+                b"" if value is None else value,
+                "" if ttl_ms is None else ttl_ms,
+            ],
+        )
+        outcome = _text(reply[0])
+        if outcome != "conflict":
+            return Restored(outcome)
+        current = reply[1]
+        return Restored(outcome, current, None if current is None else _ttl(reply[2]))
 
     async def restore_workflow(
         self,
@@ -198,22 +228,28 @@ class RedisStore:
         updated_at: int,
         active: bool,
         finished_at: int | None,
-    ) -> str:
-        """Write back a state unless Redis holds one as new or newer."""
-        return _text(
-            await self._run(
-                RESTORE_WORKFLOW,
-                [keys.workflow(execution_id), keys.active, keys.finished],
-                [
-                    state,
-                    "" if ttl_ms is None else ttl_ms,
-                    updated_at,
-                    execution_id,
-                    "1" if active else "0",
-                    "" if finished_at is None else finished_at,
-                ],
-            )
+        *,
+        finished: bool,
+    ) -> Restored:
+        """Write back a state unless Redis holds one as new or newer, or a
+        finished one while ours (``finished`` False) is not."""
+        reply = await self._run(
+            RESTORE_WORKFLOW,
+            [keys.workflow(execution_id), keys.active, keys.finished],
+            [
+                state,
+                "" if ttl_ms is None else ttl_ms,
+                updated_at,
+                execution_id,
+                "1" if active else "0",
+                "" if finished_at is None else finished_at,
+                "1" if finished else "0",
+            ],
         )
+        outcome = _text(reply[0])
+        if outcome != "conflict":
+            return Restored(outcome)
+        return Restored(outcome, reply[1], _ttl(reply[2]), bool(reply[3]))
 
     async def retire_workflow(self, keys: KeySpace, execution_id: str) -> str:
         """The state is gone here: leave the active set, unless Redis still has it."""

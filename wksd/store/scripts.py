@@ -24,6 +24,7 @@ __all__ = [
     "RAISE_COUNTER",
     "RECORD_EVENT",
     "RESTORE_LOCK",
+    "RESTORE_PLAIN",
     "RESTORE_WORKFLOW",
     "SCRIPTS",
     "WORKFLOW_SNAPSHOT",
@@ -157,20 +158,29 @@ return {ids, states, finished}
 )
 
 # Reconciliation after an outage: the state wksd wrote to memory goes back
-# unless Redis holds a newer one.
+# unless Redis holds a newer one, or a finished one and ours is not finished
+# (the seed's app completes a run without touching updatedAt).
 # KEYS[1] state key, KEYS[2] active set, KEYS[3] finished index
 # ARGV[1] our state, ARGV[2] its TTL in ms or '', ARGV[3] our updatedAt (ms)
 # ARGV[4] execution id, ARGV[5] '1' active / '0' not, ARGV[6] finished-at or ''
-# -> 'written' (ours was newer, or Redis had none), 'kept' (Redis's is as new or newer).
+# ARGV[7] '1' if our state is finished (completed, failed, cancelled), else '0'
+# -> {'written'} (ours was newer, or Redis had none), or {'conflict', state,
+#    pttl, member}: Redis's state stays, and is returned (with its TTL and
+#    whether the id is in the active set) so memory can copy it.
 RESTORE_WORKFLOW = Script(
     "restore_workflow",
     """
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, state = pcall(cjson.decode, current)
-  if ok and type(state) == 'table' and tonumber(state['updatedAt'])
-     and tonumber(state['updatedAt']) >= tonumber(ARGV[3]) then
-    return 'kept'
+  if ok and type(state) == 'table' then
+    local status = state['status']
+    local finished = status == 'completed' or status == 'failed' or status == 'cancelled'
+    local updated = tonumber(state['updatedAt'])
+    if (finished and ARGV[7] ~= '1') or (updated and updated >= tonumber(ARGV[3])) then
+      return {'conflict', current, redis.call('PTTL', KEYS[1]),
+              redis.call('SISMEMBER', KEYS[2], ARGV[4])}
+    end
   end
 end
 if ARGV[2] ~= '' then
@@ -185,7 +195,45 @@ else
   redis.call('SREM', KEYS[2], ARGV[4])
   if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4]) end
 end
-return 'written'
+return {'written'}
+""",
+)
+
+# Reconciliation of a session, cache entry or other plain key written or
+# deleted in memory during an outage: a compare-and-set against what this
+# host last saw of it before the outage, so another host's write meanwhile
+# is never undone.
+# KEYS[1] the key
+# ARGV[1] '1' if this host last saw a value, '0' if it saw the key absent
+# ARGV[2] that value, or ''
+# ARGV[3] '1' to write ours, '0' to delete the key
+# ARGV[4] our value, or ''; ARGV[5] its TTL in ms, or '' for none
+# -> {'written'} or {'deleted'} when Redis still held what this host saw (or
+#    already holds our outcome); {'conflict', current or nil, pttl} when not:
+#    Redis's value stays, and is returned so memory can copy it. A key that
+#    holds no string (not ours to touch) is a conflict with nil.
+RESTORE_PLAIN = Script(
+    "restore_plain",
+    """
+local current = redis.pcall('GET', KEYS[1])
+if type(current) == 'table' and current.err then return {'conflict', false, -2} end
+local seen = false
+if ARGV[1] == '1' then seen = ARGV[2] end
+local ours = false
+if ARGV[3] == '1' then ours = ARGV[4] end
+if current ~= seen and current ~= ours then
+  return {'conflict', current, redis.call('PTTL', KEYS[1])}
+end
+if ARGV[3] ~= '1' then
+  redis.call('DEL', KEYS[1])
+  return {'deleted'}
+end
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+else
+  redis.call('SET', KEYS[1], ARGV[4])
+end
+return {'written'}
 """,
 )
 
@@ -269,6 +317,7 @@ SCRIPTS = (
     WORKFLOW_SWAP,
     WORKFLOW_SNAPSHOT,
     RESTORE_WORKFLOW,
+    RESTORE_PLAIN,
     RESTORE_LOCK,
     RAISE_COUNTER,
     DELETE_IF_EQUAL,

@@ -1,0 +1,330 @@
+"""Write-back after an outage never undoes another host's write (wksd.store.failover).
+
+The same partitioned setup as ``test_failover``: a proxy between the store
+and a private redis-server, and a direct client playing "another host".
+Also the supervisor's resilience to faults, the mirror that cannot turn a
+success into an error, fail-closed lock extension and the journal's ops.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from clientlib.errors import Unavailable
+from wksd.keys import KeySpace
+from wksd.metrics import Metrics
+from wksd.store.failover import FailoverStore, Journal
+from wksd.store.memory import MemoryStore
+from wksd.store.redis_target import RedisTarget
+
+from .proxy import Proxy
+from .redis_server import RedisServer, free_port
+from .test_failover import Host, make_host
+
+KEYS = KeySpace("wks:")
+CONFLICT = 'wksd_reconciled_keys_total{outcome="conflict"} 1.0'
+
+
+@pytest.fixture
+async def proxy(redis_server: RedisServer, nursery: trio.Nursery) -> Proxy:
+    proxy = Proxy(redis_server.port)
+    await nursery.start(proxy.run)
+    return proxy
+
+
+@pytest.fixture
+async def host(proxy: Proxy, nursery: trio.Nursery) -> Host:
+    return await make_host(nursery, proxy.port)
+
+
+def redis_json(server: RedisServer, key: str) -> Any:
+    with server.client() as direct:
+        raw = direct.get(key)
+    return None if raw is None else json.loads(raw)
+
+
+# -- workflows ------------------------------------------------------------------
+async def test_completed_state_in_redis_survives_an_outage_update(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """The seed's app completed the run (updatedAt untouched): our newer update stays out."""
+    started = await host.workflows.start("e1", "w", 4, {})
+    await host.outage(proxy)
+    host.clock.advance(5)
+    ours = await host.workflows.update("e1", 1, "ours", None)
+    assert ours["updatedAt"] > started["updatedAt"]
+    theirs = {**started, "status": "completed", "progress": 100, "completedAt": 1}
+    with redis_server.client() as direct:
+        direct.set("wks:workflow:e1", json.dumps(theirs), px=7_200_000)
+        direct.srem("wks:executions:active", "e1")
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:workflow:e1")["status"] == "completed"
+    with redis_server.client() as direct:
+        assert direct.smembers("wks:executions:active") == set()
+    assert CONFLICT in host.metrics.render()
+    # Memory now holds Redis's state, so a later outage starts from it.
+    raw = await host.memory.get("wks:workflow:e1")
+    assert raw is not None and json.loads(raw)["status"] == "completed"
+    assert await host.memory.members(KEYS.active) == []
+
+
+async def test_finished_outage_state_still_replaces_a_running_one(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """The finished rule is one way: completing a run during the outage still goes back."""
+    await host.workflows.start("e1", "w", 4, {})
+    await host.outage(proxy)
+    host.clock.advance(5)
+    await host.workflows.complete("e1", "failed", "boom", None)
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:workflow:e1")["status"] == "failed"
+
+
+# -- sessions, cache entries, deletes ------------------------------------------
+async def test_session_another_host_wrote_meanwhile_survives(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """An outage session.set does not overwrite what another host wrote to Redis meanwhile."""
+    await host.sessions.set("u1", {"v": "before"}, 60)
+    await host.outage(proxy)
+    await host.sessions.set("u1", {"v": "ours"}, 60)
+    with redis_server.client() as direct:
+        direct.set("wks:session:u1", json.dumps({"v": "theirs"}), px=60_000)
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:session:u1") == {"v": "theirs"}
+    assert CONFLICT in host.metrics.render()
+    assert await host.memory.get("wks:session:u1") == json.dumps({"v": "theirs"}).encode()
+    assert host.store.pending_writes == 0
+
+
+async def test_outage_delete_of_a_key_another_host_rewrote_keeps_it(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """A delete goes back only where Redis still holds what this host saw."""
+    await host.sessions.set("u1", {"v": "before"}, 60)
+    await host.outage(proxy)
+    assert await host.sessions.delete("u1")
+    with redis_server.client() as direct:
+        direct.set("wks:session:u1", json.dumps({"v": "theirs"}), px=60_000)
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:session:u1") == {"v": "theirs"}
+    assert CONFLICT in host.metrics.render()
+
+
+async def test_outage_writes_over_unchanged_keys_go_back(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """Keys Redis still holds as this host saw them take the outage write, delete or touch."""
+    await host.sessions.set("u1", {"v": "before"}, 60)
+    await host.sessions.set("gone", {"v": "before"}, 60)
+    await host.sessions.set("touched", {"v": "same"}, 60)
+    await host.store.set("wks:cache:api:h", b"[1]", 30_000)
+    await host.outage(proxy)
+    await host.sessions.set("u1", {"v": "ours"}, 60)
+    await host.sessions.set("u1", {"v": "ours again"}, 60)  # the base stays the first one seen
+    await host.sessions.delete("gone")
+    await host.sessions.touch("touched", 600)
+    await host.store.set("wks:cache:api:h", b"[2]", 30_000)
+    await host.sessions.set("new", {"v": "fresh"}, 60)  # absent before, absent in Redis
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:session:u1") == {"v": "ours again"}
+    assert redis_json(redis_server, "wks:session:gone") is None
+    assert redis_json(redis_server, "wks:session:new") == {"v": "fresh"}
+    with redis_server.client() as direct:
+        assert direct.get("wks:cache:api:h") == b"[2]"
+        assert direct.pttl("wks:session:touched") > 60_000
+    assert "conflict" not in host.metrics.render()
+    assert host.store.pending_writes == 0
+
+
+async def test_a_key_this_host_never_saw_is_expected_absent(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """With no copy here, the outage write goes back only if Redis has no such key."""
+    with redis_server.client() as direct:
+        direct.set("wks:session:theirs", json.dumps({"v": "theirs"}), px=60_000)
+    await host.outage(proxy)
+    await host.sessions.set("theirs", {"v": "ours"}, 60)
+    await host.recovered(proxy)
+    assert redis_json(redis_server, "wks:session:theirs") == {"v": "theirs"}
+    assert CONFLICT in host.metrics.render()
+
+
+# -- the supervisor ----------------------------------------------------------------
+async def test_a_fault_in_the_write_back_is_retried(
+    host: Host, proxy: Proxy, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ValueError in _restore is logged, counted and retried; memory serves meanwhile."""
+    store = host.store
+    original = store._restore
+    failed = trio.Event()
+
+    async def faulty(*args: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise ValueError("injected")
+        return await original(*args)
+
+    monkeypatch.setattr(store, "_restore", faulty)
+    await host.outage(proxy)
+    await host.sessions.set("u1", {"v": "ours"}, 60)
+    proxy.restore()
+    with trio.fail_after(10):
+        await failed.wait()
+    assert store.backend == "memory"
+    assert await host.sessions.get("u1") == {"v": "ours"}  # still serving
+    await host.sessions.set("u2", {"v": "after the fault"}, 60)
+    assert store.pending_writes == 2  # nothing lost
+    with trio.fail_after(10):
+        await store.wait_for_backend("redis")
+    assert redis_json(redis_server, "wks:session:u1") == {"v": "ours"}
+    assert redis_json(redis_server, "wks:session:u2") == {"v": "after the fault"}
+    assert 'wksd_supervisor_errors_total{task="write_back"} 1.0' in host.metrics.render()
+
+
+# -- the mirror ----------------------------------------------------------------------
+async def test_a_failing_mirror_never_turns_a_redis_success_into_an_error(
+    host: Host, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write Redis applied is answered true; the stale memory copy is dropped."""
+    await host.sessions.set("u1", {"v": 1}, 60)
+    assert await host.memory.get("wks:session:u1") is not None
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    for name in ("mirror_set", "mirror_workflow", "mirror_lock"):
+        monkeypatch.setattr(host.memory, name, broken)
+    assert await host.sessions.set("u1", {"v": 2}, 60) is True
+    await host.workflows.start("e1", "w", 2, {})
+    assert (await host.locks.acquire("e1", "w", 60))["acquired"]
+    assert redis_json(redis_server, "wks:session:u1") == {"v": 2}
+    assert redis_json(redis_server, "wks:workflow:e1")["status"] == "running"
+    assert await host.memory.get("wks:session:u1") is None
+    assert 'wksd_supervisor_errors_total{task="mirror"} 3.0' in host.metrics.render()
+
+
+# -- fail-closed locks ---------------------------------------------------------------
+async def test_fail_closed_extend_during_an_outage_is_unavailable(
+    proxy: Proxy, nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    """No extension past Redis's last confirmed expiry; the copy expires then; releases go back."""
+    closed = await make_host(nursery, proxy.port, fail_closed=True)
+    assert (await closed.locks.acquire("e1", "w", 60))["acquired"]
+    assert (await closed.locks.acquire("e2", "w", 60))["acquired"]
+    closed.clock.advance(30)
+    assert (await closed.locks.extend("e1", "w", 60))["extended"]  # confirmed by Redis: 90 s
+    await closed.outage(proxy)
+    with pytest.raises(Unavailable):
+        await closed.locks.extend("e1", "w", 60)
+    assert (await closed.locks.release("e2", "w"))["released"]
+    closed.clock.advance(59)
+    assert (await closed.locks.status("e1"))["locked"]
+    closed.clock.advance(2)
+    assert not (await closed.locks.status("e1"))["locked"]
+    await closed.recovered(proxy)
+    with redis_server.client() as direct:
+        assert direct.get("wks:lock:execution:e2") is None
+
+
+# -- the journal's ops ----------------------------------------------------------------
+def _journal_state(
+    journal: Journal,
+) -> tuple[list[tuple[str, str]], dict[Any, Any], dict[str, str]]:
+    entries = [(kind, name) for kind, name, _ in journal.pending()]
+    bases = {entry: journal.base(*entry) for entry in entries}
+    owners = {name: journal.owner(name) for kind, name in entries if kind == "lock"}
+    return entries, bases, owners
+
+
+def _busy_journal(ops: list[list[Any]]) -> Journal:
+    journal = Journal(ops.append)
+    journal.note("key", "wks:session:a", b'{"v":1}')
+    journal.note("key", "wks:session:b", None)  # seen absent
+    journal.note("key", "wks:session:a", b"ignored: not the first")
+    journal.note("workflow", "e1")
+    journal.note_owner("e2", "worker-1")
+    journal.note("lock", "e2")
+    journal.note("fencing", "wks:lock:fencing")
+    journal.note("key", "wks:session:c", b"old")
+    [(_, _, version)] = [p for p in journal.pending() if p[1] == "wks:session:c"]
+    journal.note("key", "wks:session:c", b"ignored")
+    assert not journal.settle("key", "wks:session:c", version)
+    journal.rebase("key", "wks:session:c", b"written back")
+    [(_, _, version)] = [p for p in journal.pending() if p[1] == "e1"]
+    assert journal.settle("workflow", "e1", version)
+    return journal
+
+
+def test_journal_ops_rebuild_the_same_journal() -> None:
+    """Replaying the recorded ops (through msgpack) gives the same entries, versions and bases."""
+    ops: list[list[Any]] = []
+    journal = _busy_journal(ops)
+    assert all(isinstance(op[0], str) and op[0].startswith("j") for op in ops)
+    replayed = Journal()
+    for op in msgpack.unpackb(msgpack.packb(ops, use_bin_type=True), raw=False):
+        replayed.apply(op)
+    assert replayed.pending() == journal.pending()
+    assert _journal_state(replayed) == _journal_state(journal)
+    assert replayed.base("key", "wks:session:a") == b'{"v":1}'
+    assert replayed.base("key", "wks:session:c") == b"written back"
+    assert replayed.owner("e2") == "worker-1"
+
+
+def test_journal_snapshot_rebuilds_the_same_journal() -> None:
+    """The snapshot source's ops rebuild the pending entries, in order, with their bases."""
+    journal = _busy_journal([])
+    rebuilt = Journal()
+    for op in msgpack.unpackb(msgpack.packb(journal.snapshot(), use_bin_type=True), raw=False):
+        rebuilt.apply(op)
+    assert _journal_state(rebuilt) == _journal_state(journal)
+    settled = Journal()
+    for kind, name, version in journal.pending():
+        journal.settle(kind, name, version)
+    for op in journal.snapshot():
+        settled.apply(op)
+    assert len(settled) == 0 and journal.snapshot() == []
+
+
+def test_failover_store_replays_and_registers_its_journal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At construction the store applies the log's journal ops and registers its snapshot."""
+    memory = MemoryStore()
+    ops: list[list[Any]] = []
+    _busy_journal(ops)
+    sources: list[Any] = []
+    monkeypatch.setattr(memory, "take_foreign_ops", lambda: list(ops))
+    monkeypatch.setattr(memory, "register_snapshot_source", sources.append)
+    recorded: list[list[Any]] = []
+    monkeypatch.setattr(memory, "record", recorded.append)
+    store = FailoverStore(memory, RedisTarget(port=free_port()), KEYS, Metrics(), timeout=0.3)
+    assert store.pending_writes == 5
+    assert recorded == []  # replaying records nothing again
+    [source] = sources
+    rebuilt = Journal()
+    for op in source():
+        rebuilt.apply(op)
+    assert len(rebuilt) == 5
+
+
+async def test_outage_writes_are_recorded_with_their_base(nursery: trio.Nursery) -> None:
+    """A write served from memory records a journal op carrying what this host last saw."""
+    memory = MemoryStore()
+    recorded: list[list[Any]] = []
+    memory.record = recorded.append  # type: ignore[method-assign]
+    store = FailoverStore(memory, RedisTarget(port=free_port()), KEYS, Metrics(), timeout=0.3)
+    await nursery.start(store.run)
+    with trio.fail_after(10):
+        await store.set("wks:session:u", b"1", 60_000)
+        await store.set("wks:session:u", b"2", 60_000)
+        await store.delete("wks:session:u")
+    journal_ops = [op for op in recorded if op[0].startswith("j")]
+    assert journal_ops[0] == ["jn", "key", "wks:session:u", None]
+    assert journal_ops[1] == ["jn", "key", "wks:session:u", b"1"]
+    assert store.pending_writes == 1
