@@ -29,13 +29,19 @@ answered, then the connection closes. Undecodable bytes get a
 ``protocol_error`` notification after the answers to everything before them,
 then the connection closes; no other connection notices.
 
-Shutdown (``drain``) stops accepting. Each binary connection answers what it
-has read and, in the same write, sends the notification ``[2, "closing",
-[reason]]``, so a client knows to send its next request elsewhere (clientlib
-reconnects; under socket activation the new connection waits for the next
-daemon). It then reads for ``DRAIN_READ_GRACE`` more, answering any request
-that crossed the notice on the wire, and closes. The daemon's deadline
-(WKSD_SHUTDOWN_TIMEOUT) bounds it all.
+Shutdown (``drain``) stops accepting. A drain cancels a connection's wait
+for input, never its work: a request whose bytes were read is answered (the
+socket layer cancels a read before its ``recv`` or not at all, see
+``wksd.sockio``). Each binary connection answers what it has read and, in the
+same write, sends the notification ``[2, "closing", [reason]]``, so a client
+knows to send its next request elsewhere (clientlib reconnects; under socket
+activation the new connection waits for the next daemon). It then reads for
+``DRAIN_READ_GRACE`` more, answering any request that crossed the notice on
+the wire (text sessions too, without a notice). Then it shuts its reading
+side: a client's later send fails (EPIPE), which tells it nothing was read,
+and what arrived before is read and answered before the close. So no request
+is both taken and dropped. The daemon's deadline (WKSD_SHUTDOWN_TIMEOUT)
+bounds it all.
 """
 
 from __future__ import annotations
@@ -158,8 +164,9 @@ class _Connection:
     """One client connection: its stream, its peer, its session state.
 
     The connection's task runs inside ``scope``. A drain cancels that scope
-    only while the task waits for input (``waiting``), so nothing that was
-    read is ever interrupted; the goodbye then runs after it.
+    only while the task waits for input (``waiting``), and ``SocketIO``
+    raises a cancellation before its ``recv`` or not at all, so nothing that
+    was read is ever interrupted; the goodbye then runs after it.
 
     Besides the connection's own task, others may write to it: a blocking
     request answered later (``Later``), and pushed notifications. ``send``
@@ -185,7 +192,8 @@ class _Connection:
         self.draining = False
         self.ended = False  # end of input, or closed for a protocol error
         self.told_closing = False
-        self.decoder: Decoder | None = None
+        self.decoder: Decoder | None = None  # a binary session, once its first byte says so
+        self.lines: LineBuffer | None = None  # a text session
         self.tasks: trio.Nursery | None = None
         self.laters: set[trio.CancelScope] = set()  # answers still waiting; drain cancels
         self._sending = False
@@ -206,7 +214,7 @@ class _Connection:
         return data
 
     def drain(self) -> None:
-        """Stop waiting for new requests (see the module docstring)."""
+        """Stop waiting for new requests; those read are answered (module docstring)."""
         self.draining = True
         for scope in self.laters:  # waits give up and answer at once
             scope.cancel()
@@ -291,6 +299,7 @@ class Server:
         self._max_message_bytes = max_message_bytes
         self._connections: set[_Connection] = set()
         self._accepting: trio.CancelScope | None = None
+        self._draining = False
         self._idle = trio.Event()
         self._idle.set()
 
@@ -310,7 +319,8 @@ class Server:
             with trio.CancelScope() as self._accepting:
                 task_status.started()
                 while True:
-                    connections.start_soon(self._handle, await accept(listener))
+                    # Known to drain() from the accept on, before its task runs.
+                    connections.start_soon(self._handle, self._open(await accept(listener)))
 
     def stop_accepting(self) -> None:
         """No new connections from now on (the listening socket may then be closed)."""
@@ -319,23 +329,31 @@ class Server:
 
     async def drain(self) -> None:
         """Stop accepting; return once every connection has answered and closed."""
+        self._draining = True
         self.stop_accepting()
         for connection in list(self._connections):
             connection.drain()
         await self._idle.wait()
 
-    async def _handle(self, sock: stdlib_socket.socket) -> None:
+    def _open(self, sock: stdlib_socket.socket) -> _Connection:
+        """Register an accepted connection (drained at once if a drain has begun)."""
         try:
             peer = peer_credentials(sock)
         except OSError:
             peer = None
-        stream = SocketIO(sock)
-        connection = _Connection(stream, peer, self._policy)
+        connection = _Connection(SocketIO(sock), peer, self._policy)
         self._connections.add(connection)
         self._idle = trio.Event() if len(self._connections) == 1 else self._idle
         self._metrics.connections.inc()
         self._metrics.connections_total.inc()
+        if self._draining:
+            connection.drain()
+        return connection
+
+    async def _handle(self, connection: _Connection) -> None:
+        stream = connection.stream
         if not connection.allowed:
+            peer = connection.peer
             connection.log.warning("peer not allowed", peer_gid=peer.gid if peer else None)
         try:
             try:
@@ -364,13 +382,11 @@ class Server:
     async def _converse(self, connection: _Connection) -> None:
         """Read and answer until end of input, a broken stream, or the drain's goodbye."""
         with connection.scope:
-            first = await connection.receive()
-            if first and is_text_start(first[0]):
-                await self._serve_text(connection, first)
-            elif first:
-                connection.decoder = Decoder(self._max_message_bytes)
-                await self._serve_binary(connection, first)
-        if connection.draining and connection.decoder and not connection.ended:
+            if not connection.draining:  # else drained before its first read: the goodbye reads
+                data = await connection.receive()
+                while await self._feed(connection, data) and not connection.draining:
+                    data = await connection.receive()
+        if connection.draining and not connection.ended:
             await self._say_goodbye(connection)
 
     async def _call(
@@ -386,21 +402,39 @@ class Server:
             session=connection,
         )
 
-    async def _serve_binary(self, connection: _Connection, data: bytes) -> None:
-        while data and await self._answer(connection, data) and not connection.draining:
-            data = await connection.receive()
+    async def _feed(self, connection: _Connection, data: bytes) -> bool:
+        """Answer what ``data`` completes, in the protocol its first byte chose;
+        False once the conversation is over."""
+        if connection.lines is not None:
+            return await self._answer_text(connection, data)
+        if not data:
+            return False
+        if connection.decoder is None:
+            if is_text_start(data[0]):
+                connection.lines = LineBuffer(self._max_message_bytes)
+                return await self._answer_text(connection, data)
+            connection.decoder = Decoder(self._max_message_bytes)
+        return await self._answer(connection, data)
 
     async def _say_goodbye(self, connection: _Connection) -> None:
         """Tell a draining client we close; answer what crosses the notice; close."""
-        if not connection.told_closing:  # it was waiting for input when the drain began
-            await connection.send(_CLOSING)
+        if connection.decoder is not None and not connection.told_closing:
+            await connection.send(_CLOSING)  # it was waiting for input when the drain began
             connection.told_closing = True
+        stream = connection.stream
         while True:
-            with trio.move_on_after(DRAIN_READ_GRACE):
-                data = await connection.stream.receive_some(READ_CHUNK)
-                if data and await self._answer(connection, data):
-                    continue
-            return
+            with trio.move_on_after(DRAIN_READ_GRACE) as grace:  # the wait only, never the work
+                data = await stream.receive_some(READ_CHUNK)
+            if grace.cancelled_caught:
+                break
+            if not await self._feed(connection, data):
+                return
+        # Bytes sent from now on are refused (the sender learns they were never
+        # read); those that came before are answered.
+        stream.shutdown_read()
+        while data := await stream.receive_some(READ_CHUNK):
+            if not await self._feed(connection, data):
+                return
 
     async def _answer(self, connection: _Connection, data: bytes) -> bool:
         """Answer every request complete in ``data``; False if the stream broke."""
@@ -467,31 +501,32 @@ class Server:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await connection.send(answer)  # a client that hung up needs no answer
 
-    async def _serve_text(self, connection: _Connection, data: bytes) -> None:
-        lines = LineBuffer(self._max_message_bytes)
+    async def _answer_text(self, connection: _Connection, data: bytes) -> bool:
+        """Answer every line complete in ``data`` (b"": the unterminated rest too);
+        False once the session is over."""
+        lines = connection.lines
+        assert lines is not None
         stream = connection.stream
+        lines.receive_data(data)
+        out = bytearray()
         while True:
-            lines.receive_data(data)
-            out = bytearray()
-            while True:
-                try:
-                    line = lines.next_line() if data else lines.rest()
-                except ProtocolError as exc:
-                    self._metrics.protocol_errors.inc()
-                    out += format_error(BadRequest(str(exc)))
-                    await stream.send_all(out)
-                    return
-                if line is None:
-                    break
-                out += await self._answer_line(connection, line)
-                if len(out) >= FLUSH_BYTES:
-                    await stream.send_all(out)
-                    out = bytearray()
-            if out:
+            try:
+                line = lines.next_line() if data else lines.rest()
+            except ProtocolError as exc:
+                self._metrics.protocol_errors.inc()
+                out += format_error(BadRequest(str(exc)))
                 await stream.send_all(out)
-            if not data or connection.draining:
-                return
-            data = await connection.receive()
+                connection.ended = True
+                return False
+            if line is None:
+                break
+            out += await self._answer_line(connection, line)
+            if len(out) >= FLUSH_BYTES:
+                await stream.send_all(out)
+                out = bytearray()
+        if out:
+            await stream.send_all(out)
+        return bool(data)
 
     async def _answer_line(self, connection: _Connection, line: bytes) -> bytes:
         try:
