@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,9 +28,16 @@ from wksd.store.durable import (
 from wksd.store.memory import MemoryStore
 
 from .durability import assert_same_state, live_state, replayed
-from .processes import DaemonProcess
+from .polling import wait_until
+from .processes import DaemonProcess, require_binary
+from .redis_server import RedisServer
 
 KEYS = KeySpace("wks:")
+
+
+def backend(path: str) -> str:
+    with Client(path) as client:
+        return client.health().backend
 
 
 def open_store(directory: Path, clock: ManualClock, **settings: object) -> MemoryStore:
@@ -499,5 +507,54 @@ def test_sigterm_flushes_and_restart_replays(sock_path: str, tmp_path: Path) -> 
                 {"n": index} for index in range(100)
             ]
         assert "state replayed" in daemon.output
+    finally:
+        daemon.close()
+
+
+# -- Redis mode: the outage journal is what is durable ----------------------------
+def test_restart_during_an_outage_keeps_the_outage_writes(
+    sock_path: str, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Writes made while Redis is down survive SIGKILL of the daemon, are served
+    after the restart, and go to Redis once it is back; deletes too."""
+    require_binary("redis-server")
+    state = str(tmp_path / "state")
+    env = {
+        "REDIS_ENABLED": "1",
+        "REDIS_URL": redis_server.url,
+        "WKSD_REDIS_TIMEOUT": "0.25",
+        "WKSD_STATE_DIR": state,
+    }
+    daemon = DaemonProcess(sock_path, env).start()
+    try:
+        wait_until(lambda: backend(sock_path) == "redis", what="redis serving")
+        with Client(sock_path) as client:
+            client.set_session("before", {"n": 0})
+            client.set_session("doomed", {"n": 0})
+            client.start_workflow_tracking("run-1", "wf", 10)
+        redis_server.kill()
+        with Client(sock_path) as client:
+            for index in range(50):
+                client.set_session(f"outage-{index}", {"n": index})
+            assert client.delete_session("doomed")
+            client.update_workflow_progress("run-1", 5, "outage step")
+            assert backend(sock_path) == "memory"
+        daemon.kill()
+        daemon.close()
+        daemon = DaemonProcess(sock_path, env).start()  # Redis still down
+        with Client(sock_path) as client:
+            assert client.get_session("outage-49") == {"n": 49}
+            assert client.get_session("doomed") is None
+            state_1 = client.fetch_workflow_state("run-1")
+            assert state_1 is not None and state_1.completed_steps == 5
+        redis_server.restart()
+        wait_until(lambda: backend(sock_path) == "redis", what="redis serving again")
+        with redis_server.client() as direct:
+            assert json.loads(direct.get("wks:session:outage-0")) == {"n": 0}
+            assert json.loads(direct.get("wks:session:outage-49")) == {"n": 49}
+            assert direct.get("wks:session:doomed") is None
+            assert json.loads(direct.get("wks:workflow:run-1"))["completedSteps"] == 5
+        with Client(sock_path) as client:
+            assert client.health().backend == "redis"
     finally:
         daemon.close()

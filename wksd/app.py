@@ -464,12 +464,33 @@ class Daemon:
             self._stop_listening(sock)
             if self._http_socket is not None:
                 self._http_socket.close()
+            self._say_what_is_left()
             if self.durable is not None:
                 await self.durable.aclose()
             if self._state_lock >= 0:
                 os.close(self._state_lock)
                 self._state_lock = -1
         log.info("stopped")
+
+    def _say_what_is_left(self) -> None:
+        """At exit, outage writes not yet written back are either in the
+        journal (written back after the restart) or, memory only, gone: say which."""
+        pending = 0 if self.failover is None else self.failover.pending_writes
+        if not pending:
+            return
+        if self.durable is not None:
+            log.warning(
+                "stopping during an outage; the writes not yet written back are in the "
+                "journal and go back to Redis after the restart",
+                pending_writes=pending,
+                state_dir=str(self.durable.directory),
+            )
+        else:
+            log.error(
+                "stopping during an outage without a state directory; "
+                "the writes not yet written back are lost",
+                pending_writes=pending,
+            )
 
     def _stop_listening(self, sock: socket.socket) -> None:
         """Close the listening socket, and remove its path if it is ours.

@@ -47,11 +47,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -138,7 +139,9 @@ def encode_frame(ops: list[Any]) -> bytes:
     return _FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def _frames(path: Path, data: bytes, start: int, *, tail_ok: bool) -> Iterator[tuple[int, Any]]:
+def _frames(
+    path: Path, data: bytes | mmap.mmap, start: int, *, tail_ok: bool
+) -> Iterator[tuple[int, Any]]:
     """(end offset, ops) for each frame of ``data`` from ``start``.
 
     A frame cut short at the end is yielded last as (its offset, None) when
@@ -224,24 +227,8 @@ class DurableLog:
         snapshot = directory / "snapshot"
         generation = 0
         if snapshot.exists():
-            data = snapshot.read_bytes()
-            self._snapshot_bytes = len(data)
-            if not data.startswith(SNAPSHOT_MAGIC):
-                raise CorruptState(snapshot, 0, "not a wksd snapshot")
-            complete = False
-            for index, (_, ops) in enumerate(
-                _frames(snapshot, data, len(SNAPSHOT_MAGIC), tail_ok=False)
-            ):
-                if index == 0:
-                    generation = int(ops[0][1])  # ["snapshot", generation, created]
-                    continue
-                if ops and ops[0][0] == "end":
-                    complete = True
-                    break
-                self.replayed_ops += len(ops)
-                yield from ops
-            if not complete:
-                raise CorruptState(snapshot, len(data), "the snapshot has no end mark")
+            with _mapped(snapshot) as data:
+                generation = yield from self._replay_snapshot(snapshot, data)
         journals = sorted(
             (int(path.name.split(".", 1)[1]), path)
             for path in directory.glob("journal.*")
@@ -264,21 +251,50 @@ class DurableLog:
             self._journal_bytes = len(JOURNAL_MAGIC)
             _fsync_directory(directory)
 
-    def _replay_journal(self, path: Path, last: bool) -> Iterator[list[Any]]:
-        data = path.read_bytes()
-        if len(data) < len(JOURNAL_MAGIC):
-            if not last or not JOURNAL_MAGIC.startswith(data):
-                raise CorruptState(path, 0, "not a wksd journal")
-            self._truncate(path, 0, len(data))  # created, then the crash
-            return
-        if not data.startswith(JOURNAL_MAGIC):
-            raise CorruptState(path, 0, "not a wksd journal")
-        for end, ops in _frames(path, data, len(JOURNAL_MAGIC), tail_ok=last):
-            if ops is None:  # torn at ``end``
-                self._truncate(path, end, len(data) - end)
-                return
+    def _replay_snapshot(
+        self, snapshot: Path, data: bytes | mmap.mmap
+    ) -> Generator[list[Any], None, int]:
+        """Yield the snapshot's ops; its generation."""
+        self._snapshot_bytes = len(data)
+        if data[: len(SNAPSHOT_MAGIC)] != SNAPSHOT_MAGIC:
+            raise CorruptState(snapshot, 0, "not a wksd snapshot")
+        generation = 0
+        for index, (_, ops) in enumerate(
+            _frames(snapshot, data, len(SNAPSHOT_MAGIC), tail_ok=False)
+        ):
+            if index == 0:
+                generation = int(ops[0][1])  # ["snapshot", generation, created]
+                continue
+            if ops and ops[0][0] == "end":
+                return generation
             self.replayed_ops += len(ops)
             yield from ops
+        raise CorruptState(snapshot, len(data), "the snapshot has no end mark")
+
+    def _replay_journal(self, path: Path, last: bool) -> Iterator[list[Any]]:
+        torn = None
+        with _mapped(path) as data:
+            size = len(data)
+            torn = yield from self._journal_ops(path, data, last)
+        if torn is not None:  # after the mapping is gone
+            self._truncate(path, torn, size - torn)
+
+    def _journal_ops(
+        self, path: Path, data: bytes | mmap.mmap, last: bool
+    ) -> Generator[list[Any], None, int | None]:
+        """Yield the journal's ops; the offset of a torn tail, if any."""
+        if len(data) < len(JOURNAL_MAGIC):
+            if not last or not JOURNAL_MAGIC.startswith(data[:]):
+                raise CorruptState(path, 0, "not a wksd journal")
+            return 0  # created, then the crash
+        if data[: len(JOURNAL_MAGIC)] != JOURNAL_MAGIC:
+            raise CorruptState(path, 0, "not a wksd journal")
+        for end, ops in _frames(path, data, len(JOURNAL_MAGIC), tail_ok=last):
+            if ops is None:
+                return end
+            self.replayed_ops += len(ops)
+            yield from ops
+        return None
 
     def _truncate(self, path: Path, offset: int, dropped: int) -> None:
         log.warning(
@@ -463,6 +479,19 @@ class DurableLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[bytes | mmap.mmap]:
+    """The file's bytes, mapped rather than read: replay never holds a second
+    copy of a large journal in memory."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            yield b""
+            return
+        with mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as data:
+            yield data
 
 
 def _write_all(fd: int, chunks: list[bytes]) -> int:
