@@ -237,7 +237,7 @@ def _journal_state(
     journal: Journal,
 ) -> tuple[list[tuple[str, str]], dict[Any, Any], dict[str, str]]:
     entries = [(kind, name) for kind, name, _ in journal.pending()]
-    bases = {entry: journal.base(*entry) for entry in entries}
+    bases = {entry: (journal.base(*entry), journal.alternates(*entry)) for entry in entries}
     owners = {name: journal.owner(name) for kind, name in entries if kind == "lock"}
     return entries, bases, owners
 
@@ -246,6 +246,7 @@ def _busy_journal(ops: list[list[Any]]) -> Journal:
     journal = Journal(ops.append)
     journal.note("key", "wks:session:a", b'{"v":1}')
     journal.note("key", "wks:session:b", None)  # seen absent
+    journal.also_seen("key", "wks:session:b", b'{"v":"in flight"}')
     journal.note("key", "wks:session:a", b"ignored: not the first")
     journal.note("workflow", "e1")
     journal.note_owner("e2", "worker-1")
@@ -274,6 +275,7 @@ def test_journal_ops_rebuild_the_same_journal() -> None:
     assert replayed.base("key", "wks:session:a") == b'{"v":1}'
     assert replayed.base("key", "wks:session:c") == b"written back"
     assert replayed.owner("e2") == "worker-1"
+    assert replayed.alternates("key", "wks:session:b") == [b'{"v":"in flight"}']
 
 
 def test_journal_snapshot_rebuilds_the_same_journal() -> None:
@@ -328,3 +330,23 @@ async def test_outage_writes_are_recorded_with_their_base(nursery: trio.Nursery)
     assert journal_ops[0] == ["jn", "key", "wks:session:u", None]
     assert journal_ops[1] == ["jn", "key", "wks:session:u", b"1"]
     assert store.pending_writes == 1
+
+
+async def test_a_write_in_flight_when_redis_froze_does_not_win_over_later_ones(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A frozen Redis runs the write it had been sent when it resumes, after the
+    daemon answered it from memory; the outage's later writes still go back."""
+    host = await make_host(nursery, redis_server.port)
+    await host.sessions.set("u1", {"v": 0}, 60)
+    redis_server.pause()
+    try:
+        await host.sessions.set("u1", {"v": 1}, 60)  # sent to Redis, then timed out
+        assert host.store.backend == "memory"
+        await host.sessions.set("u1", {"v": 2}, 60)
+    finally:
+        redis_server.resume()  # ... and Redis applies {"v": 1} now
+    with trio.fail_after(10):
+        await host.store.wait_for_backend("redis")
+    assert redis_json(redis_server, "wks:session:u1") == {"v": 2}
+    assert CONFLICT not in host.metrics.render()

@@ -125,7 +125,8 @@ class Journal:
 
     Every change is also handed to ``record`` as an op, a msgpack-able list:
     ``["jn", kind, name]`` or ``["jn", kind, name, base]`` (note),
-    ``["jb", kind, name, base]`` (rebase), ``["js", kind, name]`` (settle),
+    ``["jb", kind, name, base]`` (rebase), ``["ja", kind, name, value]`` (Redis
+    may hold that instead: ``also_seen``), ``["js", kind, name]`` (settle),
     ``["jo", execution_id, owner]`` (a lock's owner). ``apply`` rebuilds the
     journal from them, and ``snapshot`` gives the ops that rebuild it now.
     """
@@ -133,6 +134,9 @@ class Journal:
     def __init__(self, record: Callable[[list[Any]], None] = _no_record) -> None:
         self._entries: dict[tuple[str, str], int] = {}
         self._bases: dict[tuple[str, str], Base] = {}
+        # Values Redis may hold instead of the base: writes that were in
+        # flight to Redis when the link broke may still be applied there.
+        self._alternates: dict[tuple[str, str], list[Base]] = {}
         self._owners: dict[str, str] = {}
         self._version = 0
         self._record = record
@@ -162,6 +166,18 @@ class Journal:
         if (kind, name) in self._entries:
             self._record(["jb", kind, name, base])
             self._bases[(kind, name)] = base
+            self._alternates.pop((kind, name), None)
+
+    def also_seen(self, kind: str, name: str, value: Base) -> None:
+        """Redis may hold ``value`` instead of the base: a write of it was in
+        flight when the link broke, and a Redis that only paused applies it
+        when it resumes. The write-back accepts either."""
+        if (kind, name) in self._entries:
+            self._record(["ja", kind, name, value])
+            self._alternates.setdefault((kind, name), []).append(value)
+
+    def alternates(self, kind: str, name: str) -> list[Base]:
+        return self._alternates.get((kind, name), [])
 
     def pending(self) -> list[tuple[str, str, int]]:
         return [(kind, name, version) for (kind, name), version in self._entries.items()]
@@ -184,6 +200,10 @@ class Journal:
             case ["jb", str(kind), str(name), bytes() | None as base]:
                 if (kind, name) in self._entries:
                     self._bases[(kind, name)] = base
+                    self._alternates.pop((kind, name), None)
+            case ["ja", str(kind), str(name), bytes() | None as value]:
+                if (kind, name) in self._entries:
+                    self._alternates.setdefault((kind, name), []).append(value)
             case ["js", str(kind), str(name)]:
                 self._settle(kind, name)
             case ["jo", str(execution_id), str(owner)]:
@@ -199,6 +219,7 @@ class Journal:
                 ops.append(["jn", kind, name, self._bases[(kind, name)]])
             else:
                 ops.append(["jn", kind, name])
+            ops.extend(["ja", kind, name, value] for value in self.alternates(kind, name))
         return ops
 
     def _note(self, kind: str, name: str, base: Base | _Unset) -> None:
@@ -211,6 +232,7 @@ class Journal:
     def _settle(self, kind: str, name: str) -> None:
         self._entries.pop((kind, name), None)
         self._bases.pop((kind, name), None)
+        self._alternates.pop((kind, name), None)
         if kind == "lock":
             self._owners.pop(name, None)
 
@@ -367,7 +389,7 @@ class FailoverStore:
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
         _, by_redis = await self._write_plain(
-            key, lambda store: store.set(key, value, ttl_ms), lambda _: True
+            key, lambda store: store.set(key, value, ttl_ms), lambda _: True, in_flight=value
         )
         if by_redis:
             self._mirror(lambda: self._memory.mirror_set(key, value, ttl_ms), key)
@@ -375,7 +397,7 @@ class FailoverStore:
     async def delete(self, key: str) -> bool:
         # A delete goes back too, known here or not.
         existed, by_redis = await self._write_plain(
-            key, lambda store: store.delete(key), lambda _: True
+            key, lambda store: store.delete(key), lambda _: True, in_flight=None
         )
         if by_redis:
             self._mirror(lambda: self._memory.mirror_delete(key), key)
@@ -390,19 +412,33 @@ class FailoverStore:
         return existed
 
     async def _write_plain(
-        self, key: str, step: Callable[[Store], Awaitable[T]], changed: Callable[[T], bool]
+        self,
+        key: str,
+        step: Callable[[Store], Awaitable[T]],
+        changed: Callable[[T], bool],
+        in_flight: Base | _Unset = NO_BASE,
     ) -> tuple[T, bool]:
         """``_write`` for a plain key; in memory, a change (``changed``) is journaled
-        with what this host last saw of the key just before it."""
+        with what this host last saw of the key just before it.
+
+        ``in_flight`` is what Redis holds if this very write, sent to Redis
+        when the link broke, is applied there after all (a paused Redis runs
+        what it had read when it resumes): the write-back accepts it too.
+        """
+        tried_redis = False
 
         async def routed(store: Store) -> T:
+            nonlocal tried_redis
             if store is not self._memory:
+                tried_redis = True
                 return await step(store)
             # No checkpoint from here to the note: nothing else runs between.
             seen = await self._memory.get(key)
             result = await step(store)
             if changed(result):
                 self._journal.note("key", key, seen)
+                if tried_redis and in_flight is not NO_BASE:
+                    self._journal.also_seen("key", key, in_flight)
             return result
 
         return await self._write(routed)
@@ -691,7 +727,13 @@ class FailoverStore:
         memory, keys = self._memory, self._keys
         if kind == "key":
             value, ttl = await memory.get_with_ttl(name)
-            restored = await redis.restore_plain(name, self._journal.base(kind, name), value, ttl)
+            restored = await redis.restore_plain(
+                name,
+                self._journal.base(kind, name),
+                value,
+                ttl,
+                also_seen=self._journal.alternates(kind, name),
+            )
 
             def finish_key(settled: bool) -> None:
                 if restored.outcome == "conflict":

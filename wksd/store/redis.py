@@ -9,6 +9,7 @@ that reconciliation after an outage needs (``restore_*``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,11 +198,18 @@ class RedisStore:
 
     # -- reconciliation after an outage ---------------------------------------
     async def restore_plain(
-        self, key: str, seen: bytes | None, value: bytes | None, ttl_ms: int | None
+        self,
+        key: str,
+        seen: bytes | None,
+        value: bytes | None,
+        ttl_ms: int | None,
+        *,
+        also_seen: Sequence[bytes | None] = (),
     ) -> Restored:
         """Write back (or delete, ``value`` None) a session, cache entry or other
         plain key, only if Redis still holds ``seen`` (None: absent), what this
-        host last saw before the outage; otherwise Redis's value stays."""
+        host last saw before the outage, or one of ``also_seen`` (writes that
+        were in flight when the link broke); otherwise Redis's value stays."""
         reply = await self._run(
             RESTORE_PLAIN,
             [key],
@@ -211,6 +219,7 @@ class RedisStore:
                 "0" if value is None else "1",
                 b"" if value is None else value,
                 "" if ttl_ms is None else ttl_ms,
+                *(b"-" if other is None else b"v" + other for other in also_seen),
             ],
         )
         outcome = _text(reply[0])

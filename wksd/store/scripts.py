@@ -208,6 +208,8 @@ return {'written'}
 # ARGV[2] that value, or ''
 # ARGV[3] '1' to write ours, '0' to delete the key
 # ARGV[4] our value, or ''; ARGV[5] its TTL in ms, or '' for none
+# ARGV[6...] other values Redis may hold instead of what this host saw (writes
+#         that were in flight when the link broke): 'v' .. value, or '-' for absent
 # -> {'written'} or {'deleted'} when Redis still held what this host saw (or
 #    already holds our outcome); {'conflict', current or nil, pttl} when not:
 #    Redis's value stays, and is returned so memory can copy it. A key that
@@ -221,7 +223,17 @@ local seen = false
 if ARGV[1] == '1' then seen = ARGV[2] end
 local ours = false
 if ARGV[3] == '1' then ours = ARGV[4] end
-if current ~= seen and current ~= ours then
+local expected = current == seen or current == ours
+for i = 6, #ARGV do
+  if expected then break end
+  local other = ARGV[i]
+  if other == '-' then
+    expected = not current
+  elseif current and string.sub(other, 1, 1) == 'v' then
+    expected = current == string.sub(other, 2)
+  end
+end
+if not expected then
   return {'conflict', current, redis.call('PTTL', KEYS[1])}
 end
 if ARGV[3] ~= '1' then
