@@ -215,6 +215,18 @@ def test_service_runtime_directory_holds_the_socket(service: Unit, socket_unit: 
     assert os.path.dirname(listen) == "/run/wksd"
 
 
+def test_service_state_directory_is_the_durable_store(service: Unit) -> None:
+    """StateDirectory= gives $STATE_DIRECTORY, the daemon's default WKSD_STATE_DIR,
+    private to the service; a damaged one (exit 65) is not restarted in a loop."""
+    from wksd.config import load_config
+
+    assert words(service, "Service", "StateDirectory") == ["wksd"]
+    assert only(service, "Service", "StateDirectoryMode") == "0700"
+    assert "65" in words(service, "Service", "RestartPreventExitStatus")
+    environ = {"STATE_DIRECTORY": "/var/lib/wksd"}
+    assert load_config([], environ).state_dir == "/var/lib/wksd"
+
+
 def test_service_reads_env_file_and_redis_password_credential(service: Unit) -> None:
     """The service takes an optional /etc/wksd/wksd.env and the credential
     redis-password that the daemon reads from $CREDENTIALS_DIRECTORY."""
