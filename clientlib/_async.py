@@ -26,6 +26,13 @@ with ``ProtocolError``.
 Other notifications go to listeners registered with ``_listen`` (internal;
 ``subscribe_workflows`` is built on it); those nobody listens to are ignored.
 
+Lost locks. Each connection keeps the keepalive locks granted on it
+(``clientlib._held``), registered by the reader as it reads the grant, so no
+push that follows can miss it. The reader marks a lock lost, and calls its
+``on_lost`` callback (a plain function, run in the reader task: it must not
+block; set an event or cancel a scope), the moment it reads the daemon's
+``lock.lost`` push, or when the connection ends.
+
 An ``AsyncClient`` belongs to the event loop it was entered in: share it
 between the tasks of that loop, never between threads or loops.
 """
@@ -46,12 +53,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from . import _calls
 from ._calls import CACHE_TTL, LEASE_TTL, LOCK_TTL, Call
+from ._held import HeldLocks, OnLost, fire, lock_lost
 from ._paths import resolve_socket_path
 from ._types import LockResult, WorkflowEvent
 from .errors import (
     ConnectionLost,
     DaemonUnavailable,
     LockHeld,
+    LockLost,
     ProtocolError,
     RequestTimeout,
     WksError,
@@ -86,6 +95,8 @@ _LISTEN_BUFFER: Final = 1000
 _DISCONNECTED: Final = "clientlib.disconnected"
 
 _ErrorFactory = Callable[[], WksError]
+#: Run by the reader on a request's result as it reads it: (connection, result) -> value.
+_OnAnswer = Callable[["_Connection", Any], Any]
 
 
 def _method(
@@ -103,15 +114,22 @@ def _method(
 class _Waiter:
     """The answer slot of one request, filled by the reader task."""
 
-    __slots__ = ("_done", "_error", "_result")
+    __slots__ = ("_done", "_error", "_on_answer", "_result")
 
-    def __init__(self) -> None:
+    def __init__(self, on_answer: Callable[[Any], Any] | None = None) -> None:
         self._done = anyio.Event()
         self._result: Any = None
         self._error: WksError | None = None
+        self._on_answer = on_answer
 
     def succeed(self, result: Any) -> None:
-        self._result = result
+        if self._on_answer is None:
+            self._result = result
+        else:
+            try:
+                self._result = self._on_answer(result)
+            except Exception as exc:  # a malformed answer: the call fails, not the reader
+                self._error = ProtocolError(f"unexpected answer from wksd: {exc!r}")
         self._done.set()
 
     def fail(self, error: WksError) -> None:
@@ -149,6 +167,8 @@ class _Connection:
         self.closing = False
         #: Broken or closed: nothing more goes out or comes in here.
         self.broken = False
+        #: The keepalive locks granted on this connection.
+        self.held = HeldLocks()
 
     @property
     def usable(self) -> bool:
@@ -251,6 +271,7 @@ class AsyncClient:
         self._closed = True
         connections = list(self._connections)
         for connection in connections:
+            connection.held.clear()  # released by the daemon, not lost
             connection.abort(partial(ConnectionLost, "the client was closed"))
         for senders in self._listeners.values():
             for sender, _ in senders:
@@ -284,37 +305,111 @@ class AsyncClient:
     workflow_stats = _method(_calls.workflow_stats)
     workflow_events = _method(_calls.workflow_events)
     cleanup_workflows = _method(_calls.cleanup_workflows)
-    acquire_lock = _method(_calls.acquire_lock)
     lock_workflow_execution = _method(_calls.lock_workflow_execution)
-    unlock_workflow_execution = _method(_calls.unlock_workflow_execution)
     extend_workflow_lock = _method(_calls.extend_workflow_lock)
     is_workflow_locked = _method(_calls.is_workflow_locked)
 
+    async def acquire_lock(
+        self,
+        execution_id: str,
+        worker_id: str,
+        ttl: float = LOCK_TTL,
+        keepalive: bool = False,
+        wait: float = 0,
+        *,
+        on_lost: OnLost | None = None,
+    ) -> LockResult:
+        """Take the execution lock; the result carries the fencing token.
+
+        ``keepalive``: the daemon extends the lock while this connection is
+        open and releases it when the connection closes; the result's
+        ``lost`` turns true, and ``on_lost(lock)`` is called, as soon as the
+        client reads that it was lost (see the module doc). ``wait``: seconds
+        to queue for the lock if another worker holds it.
+        """
+        call = _calls.acquire_lock(execution_id, worker_id, ttl, keepalive, wait)
+
+        def watch(connection: _Connection, result: Any) -> LockResult:
+            lock = call.convert(result)
+            if keepalive and lock:
+                connection.held.add(execution_id, worker_id, lock, on_lost)
+            return lock
+
+        lock: LockResult = await self._roundtrip(
+            call.method, call.params, call.extra_timeout, watch
+        )
+        return lock
+
+    async def unlock_workflow_execution(self, execution_id: str, worker_id: str) -> bool:
+        """Release the lock if this worker holds it; True when it was released."""
+        released = await self._run(_calls.unlock_workflow_execution(execution_id, worker_id))
+        self._forget(execution_id, worker_id)
+        return released
+
     @asynccontextmanager
     async def execute_with_lock(
-        self, execution_id: str, worker_id: str, ttl: float = LOCK_TTL, wait: float = 0
+        self,
+        execution_id: str,
+        worker_id: str,
+        ttl: float = LOCK_TTL,
+        wait: float = 0,
+        *,
+        on_lost: OnLost | None = None,
     ) -> AsyncIterator[LockResult]:
         """Hold the execution lock for the ``async with`` block, then release it.
 
         The lock is kept alive by the daemon for as long as this client's
         connection is open (and released if the process dies). ``wait``:
         seconds to queue for it. Raises ``LockHeld`` when another worker holds
-        it. The lock is released however the block ends, cancellation
-        included; a failure to release is raised only when the block itself
-        succeeded, so it never hides the block's own error.
+        it.
+
+        ``lock.lost`` turns true, and ``on_lost(lock)`` is called, as soon as
+        the client reads that the lock ended before the block did (pass
+        ``on_lost=lambda _: scope.cancel()`` to stop the work at once). The
+        lock is released however the block ends, cancellation included. If
+        the block succeeded, ``LockLost`` is raised when the lock was lost or
+        the release found another owner or no lock, else a failure to release
+        is raised. If the block raised, its own exception propagates, never
+        hidden: a lost lock adds a note to it.
         """
-        lock = await self.acquire_lock(execution_id, worker_id, ttl, keepalive=True, wait=wait)
+        lock = await self.acquire_lock(
+            execution_id, worker_id, ttl, keepalive=True, wait=wait, on_lost=on_lost
+        )
         if not lock:
             raise LockHeld(f"{execution_id} is locked by {lock.worker_id}", lock.worker_id)
         try:
             yield lock
-        except BaseException:
+        except BaseException as exc:
+            status = None
             # Shielded, so a cancelled block still releases (bounded by the timeout).
             with anyio.CancelScope(shield=True), contextlib.suppress(WksError):
-                await self.unlock_workflow_execution(execution_id, worker_id)
+                status = await self._release(execution_id, worker_id)
+            lost = lock_lost(execution_id, worker_id, lock, status)
+            if lost is not None:
+                exc.add_note(str(lost))
             raise
-        with anyio.CancelScope(shield=True):
-            await self.unlock_workflow_execution(execution_id, worker_id)
+        try:
+            with anyio.CancelScope(shield=True):
+                status = await self._release(execution_id, worker_id)
+        except WksError as exc:
+            if lock.lost_reason is not None:
+                raise LockLost(execution_id, worker_id, lock.lost_reason) from exc
+            raise
+        lost = lock_lost(execution_id, worker_id, lock, status)
+        if lost is not None:
+            raise lost
+
+    async def _release(self, execution_id: str, worker_id: str) -> str:
+        """Release the lock; its status."""
+        try:
+            return await self._run(_calls.release_lock(execution_id, worker_id))
+        finally:  # released or not, the block is over: nothing more to tell
+            self._forget(execution_id, worker_id)
+
+    def _forget(self, execution_id: str, worker_id: str) -> None:
+        """The worker released the lock: no connection watches it any more."""
+        for connection in self._connections:
+            connection.held.forget(execution_id, worker_id)
 
     async def get_or_compute(
         self,
@@ -446,18 +541,25 @@ class AsyncClient:
             raise RuntimeError("use the client as `async with AsyncClient(...) as client:`")
         return self._task_group
 
-    async def _roundtrip(self, method: str, params: list[Any], extra_timeout: float) -> Any:
+    async def _roundtrip(
+        self,
+        method: str,
+        params: list[Any],
+        extra_timeout: float,
+        on_answer: _OnAnswer | None = None,
+    ) -> Any:
+        """The result (or what ``on_answer``, run by the reader, made of it)."""
         self._check_open()
         self._msgid = msgid = (self._msgid + 1) & MAX_MSGID
         payload = encode_request(msgid, method, params)
         with anyio.move_on_after(self.timeout + extra_timeout):
-            return await self._send_and_wait(msgid, payload)
+            return await self._send_and_wait(msgid, payload, on_answer)
         raise RequestTimeout(f"no answer from wksd within {self.timeout + extra_timeout} s")
 
-    async def _send_and_wait(self, msgid: int, payload: bytes) -> Any:
+    async def _send_and_wait(self, msgid: int, payload: bytes, on_answer: _OnAnswer | None) -> Any:
         for attempt in range(1, _SEND_ATTEMPTS + 1):
             connection = await self._connect()
-            waiter = _Waiter()
+            waiter = _Waiter(None if on_answer is None else partial(on_answer, connection))
             connection.pending[msgid] = waiter
             try:
                 await connection.send(payload)
@@ -508,6 +610,7 @@ class AsyncClient:
             error = partial(ConnectionLost, f"reading from wksd failed: {exc!r}")
         finally:
             connection.fail_all(error)
+            fire(connection.held.disconnected())
             self._connections.discard(connection)
             if self._connection is connection:
                 self._connection = None
@@ -560,6 +663,8 @@ class AsyncClient:
             elif event.method == "protocol_error":
                 return partial(ProtocolError, f"wksd closed the connection: {event.params}")
             else:
+                if event.method == "lock.lost":
+                    fire(connection.held.pushed(event.params))
                 self._notify(event.method, event.params)
         else:  # Invalid, or a Request: the daemon never sends those
             return partial(ProtocolError, f"unexpected message from wksd: {event}")

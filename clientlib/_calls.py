@@ -204,6 +204,12 @@ def unlock_workflow_execution(execution_id: str, worker_id: str) -> Call[bool]:
     return Call("lock.release", [execution_id, worker_id], lambda result: bool(result["released"]))
 
 
+def release_lock(execution_id: str, worker_id: str) -> Call[str]:
+    """Release the lock if this worker holds it; the status (``released``,
+    ``not_owner``, ``not_found``), for ``execute_with_lock``."""
+    return Call("lock.release", [execution_id, worker_id], lambda result: str(result["status"]))
+
+
 def extend_workflow_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[bool]:
     """Reset the lock's TTL if this worker holds it; True when extended."""
     return Call(

@@ -10,6 +10,17 @@ with its last answers); the client then connects afresh before its next
 request instead of sending it into a closing connection.
 
 A ``Client`` may be shared between threads; calls are serialised by a lock.
+
+Lost locks. A sync client reads its socket only when it is used, so it learns
+that a keepalive lock was lost (the daemon's ``lock.lost`` push, or the
+connection ending; see ``clientlib._held``) at one of these moments, and no
+other: during any call on the client, from any thread (the pushes that
+arrived before the call's answer are read first); when ``LockResult.lost`` is
+read (a non-blocking read of whatever has arrived, skipped if another thread
+is in a call, which reads it anyway); and so at the latest during the
+release that ends ``execute_with_lock``. The ``on_lost`` callback runs then,
+in that thread, after the call's answer is read and outside the client's
+lock, so it may call the client.
 """
 
 from __future__ import annotations
@@ -27,12 +38,14 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import _calls
 from ._calls import CACHE_TTL, LEASE_TTL, LOCK_TTL, Call
+from ._held import HeldLocks, OnLost, fire, lock_lost
 from ._paths import resolve_socket_path
 from ._types import LockResult, WorkflowEvent
 from .errors import (
     ConnectionLost,
     DaemonUnavailable,
     LockHeld,
+    LockLost,
     ProtocolError,
     RequestTimeout,
     WksError,
@@ -87,6 +100,8 @@ class Client:
         self._msgid = 0
         self._closing = False
         self._lock = threading.Lock()
+        self._held = HeldLocks()  # the keepalive locks of the current connection
+        self._lost: list[LockResult] = []  # lost, their callbacks not yet called
 
     def __enter__(self) -> Client:
         return self
@@ -95,7 +110,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the connection; the daemon releases its keepalive locks (not a loss)."""
         with self._lock:
+            self._held.clear()
             self._drop()
 
     def call(self, method: str, /, *params: Any) -> Any:
@@ -122,35 +139,99 @@ class Client:
     workflow_stats = _method(_calls.workflow_stats)
     workflow_events = _method(_calls.workflow_events)
     cleanup_workflows = _method(_calls.cleanup_workflows)
-    acquire_lock = _method(_calls.acquire_lock)
     lock_workflow_execution = _method(_calls.lock_workflow_execution)
-    unlock_workflow_execution = _method(_calls.unlock_workflow_execution)
     extend_workflow_lock = _method(_calls.extend_workflow_lock)
     is_workflow_locked = _method(_calls.is_workflow_locked)
 
+    def acquire_lock(
+        self,
+        execution_id: str,
+        worker_id: str,
+        ttl: float = LOCK_TTL,
+        keepalive: bool = False,
+        wait: float = 0,
+        *,
+        on_lost: OnLost | None = None,
+    ) -> LockResult:
+        """Take the execution lock; the result carries the fencing token.
+
+        ``keepalive``: the daemon extends the lock while this connection is
+        open and releases it when the connection closes; the result's
+        ``lost`` then says whether it was lost meanwhile, and ``on_lost(lock)``
+        is called when that is learnt (see the module doc for when). ``wait``:
+        seconds to queue for the lock if another worker holds it.
+        """
+        call = _calls.acquire_lock(execution_id, worker_id, ttl, keepalive, wait)
+
+        def watch(lock: LockResult) -> None:
+            if keepalive and lock:
+                self._held.add(execution_id, worker_id, lock, on_lost, self._read_arrived)
+
+        return self._run(call, watch)
+
+    def unlock_workflow_execution(self, execution_id: str, worker_id: str) -> bool:
+        """Release the lock if this worker holds it; True when it was released."""
+        return self._run(
+            _calls.unlock_workflow_execution(execution_id, worker_id),
+            lambda _: self._held.forget(execution_id, worker_id),
+        )
+
     @contextmanager
     def execute_with_lock(
-        self, execution_id: str, worker_id: str, ttl: float = LOCK_TTL, wait: float = 0
+        self,
+        execution_id: str,
+        worker_id: str,
+        ttl: float = LOCK_TTL,
+        wait: float = 0,
+        *,
+        on_lost: OnLost | None = None,
     ) -> Iterator[LockResult]:
         """Hold the execution lock for the ``with`` block, then release it.
 
         The lock is kept alive by the daemon for as long as this client's
         connection is open (and released if the process dies). ``wait``: seconds
-        to queue for it. Raises ``LockHeld`` when another worker holds it. The
-        lock is released however the block ends; a failure to release is raised
-        only when the block itself succeeded, so it never hides the block's own
-        error.
+        to queue for it. Raises ``LockHeld`` when another worker holds it.
+
+        The block can check ``lock.lost`` and be told through ``on_lost(lock)``
+        if the lock ends before the block does (see the module doc for when
+        the sync client learns it). The lock is released however the block
+        ends. If the block succeeded, ``LockLost`` is raised when the lock was
+        lost or the release found another owner or no lock, else a failure to
+        release is raised. If the block raised, its own exception is the one
+        that propagates, never hidden: a lost lock adds a note to it.
         """
-        lock = self.acquire_lock(execution_id, worker_id, ttl, keepalive=True, wait=wait)
+        lock = self.acquire_lock(
+            execution_id, worker_id, ttl, keepalive=True, wait=wait, on_lost=on_lost
+        )
         if not lock:
             raise LockHeld(f"{execution_id} is locked by {lock.worker_id}", lock.worker_id)
         try:
             yield lock
-        except BaseException:
+        except BaseException as exc:
+            status = None
             with contextlib.suppress(WksError):  # the block's own exception is the one to see
-                self.unlock_workflow_execution(execution_id, worker_id)
+                status = self._release(execution_id, worker_id)
+            lost = lock_lost(execution_id, worker_id, lock, status)
+            if lost is not None:
+                exc.add_note(str(lost))
             raise
-        self.unlock_workflow_execution(execution_id, worker_id)
+        try:
+            status = self._release(execution_id, worker_id)
+        except WksError as exc:
+            if lock.lost_reason is not None:
+                raise LockLost(execution_id, worker_id, lock.lost_reason) from exc
+            raise
+        lost = lock_lost(execution_id, worker_id, lock, status)
+        if lost is not None:
+            raise lost
+
+    def _release(self, execution_id: str, worker_id: str) -> str:
+        """Release the lock; its status (the pushes that came first are read first)."""
+        try:
+            return self._run(_calls.release_lock(execution_id, worker_id))
+        finally:  # released or not, the block is over: nothing more to tell
+            with self._lock:
+                self._held.forget(execution_id, worker_id)
 
     def get_or_compute(
         self,
@@ -193,10 +274,52 @@ class Client:
         return WorkflowSubscription(self.path, self.timeout, execution_id)
 
     # -- transport --------------------------------------------------------
-    def _run(self, call: Call[T]) -> T:
-        with self._lock:
-            result = self._roundtrip(call.method, call.params, call.extra_timeout)
-        return call.convert(result)
+    def _run(self, call: Call[T], then: Callable[[T], object] | None = None) -> T:
+        """Make the call; ``then(value)`` runs under the client's lock, before
+        anything else can be read."""
+        lost: list[LockResult] = []
+        try:
+            with self._lock:
+                try:
+                    value = call.convert(
+                        self._roundtrip(call.method, call.params, call.extra_timeout)
+                    )
+                    if then is not None:
+                        then(value)
+                finally:
+                    lost, self._lost = self._lost, []
+        finally:
+            fire(lost)
+        return value
+
+    def _read_arrived(self) -> None:
+        """Apply the notifications that have arrived, without waiting for any.
+
+        For ``LockResult.lost``; skipped while another thread is in a call
+        (that call reads them).
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            sock = self._sock
+            while sock is not None:
+                try:
+                    data = sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    self._drop()
+                    break
+                if not data:  # the daemon closed the connection
+                    self._drop()
+                    break
+                self._decoder.receive_data(data)
+            if self._sock is not None and self._closing_seen():
+                self._drop()
+        finally:
+            lost, self._lost = self._lost, []
+            self._lock.release()
+            fire(lost)
 
     def _roundtrip(self, method: str, params: list[Any], extra_timeout: float = 0.0) -> Any:
         self._msgid = msgid = (self._msgid + 1) & MAX_MSGID
@@ -246,7 +369,11 @@ class Client:
         self._closing = False
 
     def _closing_seen(self) -> bool:
-        """Whether the daemon's closing notice is among the bytes already read."""
+        """Whether the daemon's closing notice is among the bytes already read.
+
+        The other notifications among them are applied (``lock.lost``); stale
+        answers to calls that timed out are dropped.
+        """
         while True:
             try:
                 event = self._decoder.next_event()
@@ -254,8 +381,14 @@ class Client:
                 return True
             if event is NEED_DATA:
                 return False
-            if isinstance(event, Notification) and event.method in _GOODBYES:
-                return True
+            if isinstance(event, Notification):
+                if event.method in _GOODBYES:
+                    return True
+                self._notified(event)
+
+    def _notified(self, event: Notification) -> None:
+        if event.method == "lock.lost":
+            self._lost += self._held.pushed(event.params)
 
     def _send(self, payload: bytes) -> None:
         assert self._sock is not None
@@ -296,6 +429,7 @@ class Client:
                     raise ProtocolError(f"wksd closed the connection: {event.params}")
                 if event.method == "closing":
                     self._closing = True
+                self._notified(event)
             else:  # Invalid, or a Request: the daemon never sends those
                 self._drop()
                 raise ProtocolError(f"unexpected message from wksd: {event}")
@@ -328,6 +462,8 @@ class Client:
                     return event.method, event.params
 
     def _drop(self) -> None:
+        """Close the connection; the keepalive locks it kept are lost with it."""
+        self._lost += self._held.disconnected()
         if self._sock is not None:
             self._sock.close()
             self._sock = None

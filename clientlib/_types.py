@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,23 @@ class WorkflowEvent:
         )
 
 
+class LockWatch:
+    """What a client knows of one keepalive lock after granting it (internal).
+
+    ``reason`` is None while the lock is held, else why it ended; ``on_lost``
+    is the caller's callback; ``poll`` reads what the daemon has sent without
+    waiting (the sync client's, so that checking ``LockResult.lost`` sees a
+    push that has arrived).
+    """
+
+    __slots__ = ("on_lost", "poll", "reason")
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.on_lost: Callable[[LockResult], object] | None = None
+        self.poll: Callable[[], None] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LockResult:
     """The answer to an acquire: truthy when the lock is yours.
@@ -87,15 +105,38 @@ class LockResult:
     ``worker_id`` is the holder (you, or whoever has it), ``fencing_token``
     grows with every fresh acquisition of the execution id, ``expires_at`` is
     epoch ms. The last two are None when the lock was not acquired.
+
+    For a keepalive lock (``execute_with_lock``'s, or ``acquire_lock`` with
+    ``keepalive=True``), ``lost`` turns true when the client learns that the
+    lock ended before this worker released it, and ``lost_reason`` says why:
+    ``expired`` (the daemon could not extend it in time: Redis unreachable),
+    ``not_owner`` / ``not_found`` (it expired and another worker took it, or
+    it was deleted), ``released`` (released through another connection), or
+    ``disconnected`` (the connection that kept it ended, and with it the
+    lock). A plain lock is never reported lost: nothing watches it.
     """
 
     acquired: bool
     worker_id: str | None
     fencing_token: int | None = None
     expires_at: int | None = None
+    _watch: LockWatch = field(default_factory=LockWatch, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return self.acquired
+
+    @property
+    def lost(self) -> bool:
+        """Whether this keepalive lock is known to have ended (see the class doc)."""
+        watch = self._watch
+        if watch.reason is None and watch.poll is not None:
+            watch.poll()
+        return watch.reason is not None
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lock was lost; None while it is not known to be."""
+        return self._watch.reason
 
     @classmethod
     def from_wire(cls, result: dict[str, Any]) -> LockResult:

@@ -7,6 +7,8 @@ Errors are grouped by what the caller will do about them:
   may not have been applied;
 - ``RequestTimeout``: no answer in time;
 - ``ProtocolError``: the bytes on the wire made no sense;
+- ``LockLost``: a lock held for a block of work ended before the work did,
+  so another worker may have done it at the same time;
 - ``RemoteError``: the daemon understood the request and refused it; the
   subclass says why, and is named after the wire code (DESIGN section 2.1).
 
@@ -29,6 +31,7 @@ __all__ = [
     "Full",
     "InternalError",
     "LockHeld",
+    "LockLost",
     "LockNotOwned",
     "NotFound",
     "ProtocolError",
@@ -61,6 +64,26 @@ class RequestTimeout(WksError):
 
 class ProtocolError(WksError):
     """The peer sent bytes that are not a valid message."""
+
+
+class LockLost(WksError):
+    """The lock of an ``execute_with_lock`` block ended before the block did.
+
+    Raised when the block ends, if the daemon reported the lock lost while
+    the block ran (``lock.lost``), the connection that kept it ended, or the
+    release found another owner or no lock. ``reason`` says which:
+    ``expired``, ``not_owner``, ``not_found``, ``released`` or
+    ``disconnected`` (see ``LockResult.lost_reason``).
+    """
+
+    def __init__(self, execution_id: str, worker_id: str, reason: str) -> None:
+        super().__init__(
+            f"the lock on {execution_id} held by {worker_id} was lost ({reason}); "
+            "another worker may have run at the same time"
+        )
+        self.execution_id = execution_id
+        self.worker_id = worker_id
+        self.reason = reason
 
 
 class ComputeFailed(WksError):

@@ -454,7 +454,8 @@ async def test_keepalive_outlives_the_ttl_and_reports_a_lost_lock(
         await store.delete(keys.lock("e1"))  # as if it expired, and ...
         await locks.acquire("e1", "thief", 300)  # ... someone else took it
         await trio.sleep(ttl)  # virtual time: the next extension comes in a third of it
-        assert session.pushed == [("lock.lost", [{"executionId": "e1", "workerId": "w1"}])]
+        lost = {"executionId": "e1", "workerId": "w1", "reason": "not_owner"}
+        assert session.pushed == [("lock.lost", [lost])]
         assert service.kept == 0
         await session.close()  # releases nothing that is not ours
         assert (await locks.status("e1"))["workerId"] == "thief"

@@ -131,7 +131,9 @@ class Daemon:
         self.locks = Locks(self.store, keys, self.clock)
         # Coordination beyond the seed (docs/protocol-extensions.md).
         self.origin = secrets.token_hex(6)  # tells this daemon's pub/sub messages apart
-        self.lock_service = LockService(self.locks, self.store, keys)
+        self.lock_service = LockService(
+            self.locks, self.store, keys, mark_volatile=self.memory.mark_volatile
+        )
         self.events = EventHub(
             self.store, keys, origin=self.origin, retain_ms=self.workflows.running_ttl_ms
         )

@@ -9,8 +9,19 @@ worker's connection can do.
 Keepalive. A lock taken with ``keepalive`` belongs to the connection: a task
 extends it every third of its TTL while the connection is open, and when the
 connection closes (a worker killed with SIGKILL closes it too) the lock is
-released at once, owner-checked, instead of after its TTL. If an extension
-finds the lock no longer ours, the client is told (``lock.lost``).
+released at once, owner-checked, instead of after its TTL.
+
+The task remembers when the lock expires by the last word of the store (the
+acquire, then each successful extension: its start plus the TTL, on trio's
+clock). An extension that fails (the store ``UNAVAILABLE``: Redis gone, in
+fail-closed mode) is retried every ``retry_interval``, more often than a
+third of the TTL, until one succeeds. If none has by the time less than one
+retry interval is left before that confirmed expiry, the lock is ours no
+longer as far as anyone else can tell: the task stops keeping it and tells
+the connection (``lock.lost``, reason ``expired``), before another daemon can
+grant it. The connection is told too when an extension finds the lock
+another's or gone (reason ``not_owner``/``not_found``), or when a release
+through another connection ends it (reason ``released``).
 
 Waiting. ``lock.acquire`` with ``wait`` queues behind this daemon's earlier
 waiters for the same execution id (FIFO) and only the head of the queue tries
@@ -24,6 +35,7 @@ leaving the queue (granted, timed out, or its connection gone) wakes the next.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -38,7 +50,7 @@ from .keys import KeySpace
 from .methods import Later, Session
 from .store.base import Store
 
-__all__ = ["POLL_INTERVAL", "LockService"]
+__all__ = ["EXTEND_RETRY", "POLL_INTERVAL", "LockService", "retry_interval"]
 
 log = structlog.get_logger("wksd.locks")
 
@@ -49,6 +61,24 @@ POLL_INTERVAL: Final = 1.0
 #: A waiter whose holder's TTL ran out tries this long after it, so the
 #: expiry has happened in Redis too.
 EXPIRY_SLACK: Final = 0.005
+
+#: Seconds between tries to extend a kept lock once an extension has failed
+#: (a tenth of the TTL for locks shorter than ten of these): a blip of a few
+#: seconds costs no lock, and a lock whose extensions keep failing is given
+#: up this long before its confirmed expiry, so the holder hears of it while
+#: the lock is still its own.
+EXTEND_RETRY: Final = 1.0
+
+# Why a kept lock was lost: the ``reason`` of ``lock.lost``.
+#: No extension succeeded before the expiry the store last confirmed.
+LOST_EXPIRED: Final = "expired"
+#: A release through another connection ended it.
+LOST_RELEASED: Final = "released"
+
+
+def retry_interval(ttl: float) -> float:
+    """Seconds between extension tries of a kept ``ttl``-second lock after a failure."""
+    return min(EXTEND_RETRY, ttl / 10)
 
 
 @dataclass(eq=False)
@@ -68,14 +98,39 @@ class _Kept:
     worker_id: str
     ttl: float
     session: Session
+    #: When the lock expires by the store's last confirmation (trio's clock).
+    confirmed: float
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def lost(self, reason: str) -> None:
+        """Tell the connection that keeps this lock that it is not held any more."""
+        log.warning(
+            "keepalive lock lost",
+            execution_id=self.execution_id,
+            worker_id=self.worker_id,
+            reason=reason,
+        )
+        self.session.push(
+            "lock.lost",
+            [{"executionId": self.execution_id, "workerId": self.worker_id, "reason": reason}],
+        )
 
 
 class LockService:
-    def __init__(self, locks: Locks, store: Store, keys: KeySpace) -> None:
+    def __init__(
+        self,
+        locks: Locks,
+        store: Store,
+        keys: KeySpace,
+        *,
+        mark_volatile: Callable[[str], None] | None = None,
+    ) -> None:
+        """``mark_volatile(key)``: called with a kept lock's key each time it is
+        (re)taken, so a durable store forgets it at restart (DESIGN 5.1)."""
         self._locks = locks
         self._store = store
         self._keys = keys
+        self._mark_volatile = mark_volatile
         self._queues: dict[str, deque[_Waiter]] = {}
         self._holders: dict[str, str | None] = {}  # last holder seen by a waiter
         self._kept: dict[tuple[str, str], _Kept] = {}
@@ -114,7 +169,12 @@ class LockService:
 
     async def release(self, session: Session, execution_id: str, worker_id: str) -> dict[str, Any]:
         result = await self._locks.release(execution_id, worker_id)
+        kept = self._kept.get((execution_id, worker_id))
         self._forget(execution_id, worker_id)
+        if kept is not None and kept.session is not session:
+            # Released (or found not ours) through another connection: the
+            # one that kept it still thinks it holds it.
+            kept.lost(LOST_RELEASED if result["released"] else result["status"])
         if result["released"]:
             await self._announce(execution_id)
         return result
@@ -144,9 +204,10 @@ class LockService:
         # Shielded: a lock granted in Redis must not be lost to a cancellation
         # between the grant and its keepalive being registered.
         with trio.CancelScope(shield=True):
+            sent_at = trio.current_time()
             result, holder_ttl = await self._locks.attempt(execution_id, worker_id, ttl)
         if result["acquired"] and keepalive:
-            self._keep(session, execution_id, worker_id, ttl)
+            self._keep(session, execution_id, worker_id, ttl, sent_at + ttl)
         return result, holder_ttl
 
     async def _wait(self, execution_id: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
@@ -196,15 +257,20 @@ class LockService:
             log.warning("release announcement failed", error=exc.code)
 
     # -- keepalive ----------------------------------------------------------------------
-    def _keep(self, session: Session, execution_id: str, worker_id: str, ttl: float) -> None:
+    def _keep(
+        self, session: Session, execution_id: str, worker_id: str, ttl: float, confirmed: float
+    ) -> None:
+        if self._mark_volatile is not None:
+            self._mark_volatile(self._keys.lock(execution_id))
         key = (execution_id, worker_id)
         kept = self._kept.get(key)
         if kept is not None and kept.session is session:
             kept.ttl = ttl
+            kept.confirmed = confirmed
             return
         if kept is not None:  # the same worker took it again on another connection
             self._forget(execution_id, worker_id)
-        kept = self._kept[key] = _Kept(execution_id, worker_id, ttl, session)
+        kept = self._kept[key] = _Kept(execution_id, worker_id, ttl, session, confirmed)
         if session.id not in self._sessions:
             self._sessions[session.id] = set()
             session.on_close(partial(self._session_closed, session.id))
@@ -213,21 +279,54 @@ class LockService:
         self._nursery.start_soon(self._keep_alive, kept)
 
     async def _keep_alive(self, kept: _Kept) -> None:
+        """Extend ``kept`` until it is released, its connection closes, or it is lost."""
+        failures = 0
         with kept.scope:
             while True:
-                await trio.sleep(kept.ttl / 3)
-                try:
-                    result = await self._locks.extend(kept.execution_id, kept.worker_id, kept.ttl)
-                except RemoteError as exc:
-                    log.warning("keepalive extension failed", error=exc.code)
-                    continue
-                if not result["extended"]:
-                    self._forget(kept.execution_id, kept.worker_id)
-                    kept.session.push(
-                        "lock.lost",
-                        [{"executionId": kept.execution_id, "workerId": kept.worker_id}],
-                    )
+                interval = retry_interval(kept.ttl) if failures else kept.ttl / 3
+                await trio.sleep_until(min(trio.current_time() + interval, self._give_up_at(kept)))
+                if trio.current_time() >= self._give_up_at(kept):
+                    self._lose(kept, LOST_EXPIRED)
                     return
+                sent_at = trio.current_time()
+                # An extension still unanswered when the lock is to be given
+                # up is given up on too: the holder must hear in time.
+                with trio.move_on_at(self._give_up_at(kept)):
+                    try:
+                        result = await self._locks.extend(
+                            kept.execution_id, kept.worker_id, kept.ttl
+                        )
+                    except RemoteError as exc:
+                        failures += 1
+                        # Once per outage at warning level; the retries at debug.
+                        level = log.warning if failures == 1 else log.debug
+                        level(
+                            "keepalive extension failed",
+                            execution_id=kept.execution_id,
+                            error=exc.code,
+                            failures=failures,
+                        )
+                        continue
+                    if not result["extended"]:
+                        self._lose(kept, result["status"])
+                        return
+                    if failures:
+                        log.info(
+                            "keepalive extension succeeded again",
+                            execution_id=kept.execution_id,
+                            failures=failures,
+                        )
+                    failures = 0
+                    kept.confirmed = max(kept.confirmed, sent_at + kept.ttl)
+
+    @staticmethod
+    def _give_up_at(kept: _Kept) -> float:
+        """When a lock whose extensions keep failing is declared lost."""
+        return kept.confirmed - retry_interval(kept.ttl)
+
+    def _lose(self, kept: _Kept, reason: str) -> None:
+        self._forget(kept.execution_id, kept.worker_id)
+        kept.lost(reason)
 
     def _forget(self, execution_id: str, worker_id: str) -> None:
         kept = self._kept.pop((execution_id, worker_id), None)
