@@ -558,3 +558,18 @@ def test_restart_during_an_outage_keeps_the_outage_writes(
             assert client.health().backend == "redis"
     finally:
         daemon.close()
+
+
+def test_unusable_state_dir_exits_73(sock_path: str, tmp_path: Path) -> None:
+    """A state directory that cannot be made (a file is in the way): one line, exit 73."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "wksd", "--socket", sock_path, "--state-dir", str(blocker)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 73
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "state directory" in lines[0] and str(blocker) in lines[0]

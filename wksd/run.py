@@ -28,28 +28,28 @@ EX_DATAERR: Final = 65
 EX_CANTCREAT: Final = 73
 
 
+#: What stops the daemon before it serves: (exception, what to say, exit status),
+#: the first that matches wins. Each is one line on stderr.
+_START_FAILURES: Final[tuple[tuple[type[Exception], str, int], ...]] = (
+    (ConfigError, "invalid configuration: ", EX_CONFIG),
+    (StateDirInUse, "", EX_UNAVAILABLE),
+    (CorruptState, "the state directory is damaged: ", EX_DATAERR),
+    (OSError, "cannot use the state directory: ", EX_CANTCREAT),
+)
+
+
 def run_daemon(argv: Sequence[str]) -> int:
     """Serve until a signal; the exit status (0, or 65, 69, 73, 78 from sysexits.h)."""
     try:
         config = load_config(argv)
-    except ConfigError as exc:
-        print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    configure_logging(config.log_level, config.log_format)
-    try:
-        daemon = Daemon(config)
-    except ConfigError as exc:
-        print(f"wksd: invalid configuration: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except StateDirInUse as exc:
-        print(f"wksd: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except CorruptState as exc:
-        print(f"wksd: the state directory is damaged: {exc}", file=sys.stderr)
-        return EX_DATAERR
-    except OSError as exc:
-        print(f"wksd: cannot use the state directory {config.state_dir}: {exc}", file=sys.stderr)
-        return EX_CANTCREAT
+        configure_logging(config.log_level, config.log_format)
+        daemon = Daemon(config)  # replays the state directory
+    except Exception as exc:
+        for kind, saying, status in _START_FAILURES:
+            if isinstance(exc, kind):
+                print(f"wksd: {saying}{exc}", file=sys.stderr)
+                return status
+        raise
     try:
         trio.run(_serve, daemon)
     except OSError as exc:
