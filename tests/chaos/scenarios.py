@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -160,7 +161,10 @@ def run_scenario(
 ) -> dict[str, Any]:
     """One scenario, from nothing to its figures; every process it started is gone after."""
     directory = workdir / scenario.name
-    directory.mkdir(parents=True, exist_ok=True)
+    # A fresh start every run: an old stop file would end the load at once,
+    # and old logs and state would be checked again instead of this run's.
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
     figures: dict[str, Any] = {"scenario": scenario.name, "duration": round(duration, 1)}
     redis_server: RedisServer | None = None
     daemons: list[ChaosDaemon] = []
