@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from clientlib import Client
 from clientlib.errors import Unavailable
@@ -28,7 +30,7 @@ from wksd.store.durable import (
 from wksd.store.memory import MemoryStore
 
 from .durability import assert_same_state, live_state, replayed
-from .polling import wait_until
+from .polling import await_until, wait_until
 from .processes import DaemonProcess, require_binary
 from .redis_server import RedisServer
 
@@ -392,6 +394,16 @@ def test_state_dir_in_use_error_names_it(tmp_path: Path) -> None:
 
 
 # -- the real daemon -------------------------------------------------------------
+def refused_start(sock_path: str, state_dir: str) -> subprocess.CompletedProcess[str]:
+    """Start the daemon on ``state_dir`` where it must refuse: its exit and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "wksd", "--socket", sock_path, "--state-dir", state_dir],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def test_embedded_default_survives_sigkill(sock_path: str, tmp_path: Path) -> None:
     """Sessions, cache, workflows, locks and deletes all survive SIGKILL of the daemon."""
     state = str(tmp_path / "state")
@@ -456,12 +468,7 @@ def test_second_daemon_on_a_state_dir_exits_at_once(sock_path: str, tmp_path: Pa
     state = str(tmp_path / "state")
     daemon = DaemonProcess(sock_path, {"WKSD_STATE_DIR": state}).start()
     try:
-        second = subprocess.run(
-            [sys.executable, "-m", "wksd", "--socket", sock_path + "2", "--state-dir", state],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = refused_start(sock_path + "2", state)
         assert second.returncode == 69
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and state in lines[0] and "in use" in lines[0]
@@ -478,12 +485,7 @@ def test_damaged_state_dir_stops_the_daemon(sock_path: str, tmp_path: Path) -> N
     frame = bytearray(encode_frame([["p", "k", b"v", None, False]]))
     frame[-1] ^= 0xFF
     (state / "journal.0").write_bytes(JOURNAL_MAGIC + bytes(frame) + encode_frame([["d", "k"]]))
-    out = subprocess.run(
-        [sys.executable, "-m", "wksd", "--socket", sock_path, "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = refused_start(sock_path, str(state))
     assert out.returncode == 65
     assert "journal.0" in out.stderr and "damaged" in out.stderr
 
@@ -564,12 +566,53 @@ def test_unusable_state_dir_exits_73(sock_path: str, tmp_path: Path) -> None:
     """A state directory that cannot be made (a file is in the way): one line, exit 73."""
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    out = subprocess.run(
-        [sys.executable, "-m", "wksd", "--socket", sock_path, "--state-dir", str(blocker)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = refused_start(sock_path, str(blocker))
     assert out.returncode == 73
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "state directory" in lines[0] and str(blocker) in lines[0]
+
+
+async def test_fsync_always_covers_writes_to_a_journal_compaction_retires(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under always, a commit whose frame went to the journal a compaction then
+    switched away from returns only after that journal is fsynced, not on the
+    fsync of the new one."""
+    memory = open_store(tmp_path, clock, fsync="always")
+    log = log_of(memory)
+    log.set_freeze(memory.freeze)
+    old_fd = log._fd
+    gates = [threading.Event(), threading.Event()]  # the 1st, 2nd fsync of the old one
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if fd == old_fd:
+            calls.append(fd)
+            if len(calls) <= len(gates):
+                gates[len(calls) - 1].wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(durable_module.os, "fsync", fsync)
+    done: list[str] = []
+
+    async def commit(name: str) -> None:
+        await memory.set(name, b"v", None)
+        await log.commit()
+        done.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(commit, "first")  # its fsync of the old journal hangs
+        await await_until(lambda: len(calls) == 1)
+        nursery.start_soon(commit, "second")  # written to the old journal, waits
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(log.compact)  # switches journals, fsyncs the old one
+        await await_until(lambda: len(calls) == 2)
+        assert log._fd != old_fd
+        gates[0].set()  # the first commit's fsync ends; the compaction's does not
+        await await_until(lambda: "first" in done)
+        await trio.sleep(0.05)  # time for a wrong early return to happen
+        assert "second" not in done
+        gates[1].set()
+    assert done == ["first", "second"]
+    assert done == ["first", "second"]

@@ -208,6 +208,9 @@ class DurableLog:
         self._written = 0
         self._synced = 0
         self._syncing: trio.Event | None = None
+        #: While compaction fsyncs the journal it switched away from: the bytes
+        #: written up to the switch, and the event set once they are synced.
+        self._retiring: tuple[int, trio.Event] | None = None
         self._compacting = False
         self._freeze: Callable[[], Iterable[list[Any]]] | None = None
         self._failed: OSError | None = None
@@ -358,6 +361,12 @@ class DurableLog:
         """Return once everything written before the call is fsynced."""
         target = self._written
         while self._synced < target:
+            retiring = self._retiring
+            if retiring is not None and self._synced < retiring[0]:
+                # Those bytes are in the journal compaction just retired; the
+                # current fd's fsync would not cover them: wait for its own.
+                await retiring[1].wait()
+                continue
             if self._syncing is not None:
                 await self._syncing.wait()
                 continue
@@ -419,11 +428,19 @@ class DurableLog:
         # From here to freeze() nothing awaits: the copy holds exactly what
         # the older files hold, and every later op goes to the new journal.
         self._fd, self._generation = fd, generation
+        self._retiring = retiring = (self._written, trio.Event())
         self._write(JOURNAL_MAGIC)
         self._journal_bytes = len(JOURNAL_MAGIC)
         ops = freeze()
-        await trio.to_thread.run_sync(os.fsync, old_fd)
-        os.close(old_fd)
+        try:
+            await trio.to_thread.run_sync(os.fsync, old_fd)
+            self._synced = max(self._synced, retiring[0])
+            while self._syncing is not None:  # one may still hold old_fd
+                await self._syncing.wait()
+        finally:
+            os.close(old_fd)
+            self._retiring = None
+            retiring[1].set()
         temporary = directory / "snapshot.tmp"
         written = 0
         try:
