@@ -53,6 +53,14 @@ def test_empty_state_dir_means_memory_only() -> None:
     assert Config().state_dir == ""  # constructed directly (tests, clientlib.testing)
 
 
+def test_redis_retry_max_is_a_setting() -> None:
+    """WKSD_REDIS_RETRY_MAX (and --redis-retry-max) caps the reconnection backoff."""
+    assert load_config([], {}).redis_retry_max == 5.0
+    assert load_config(["--redis-retry-max", "0.5"], {}).redis_retry_max == 0.5
+    with pytest.raises(ConfigError, match="WKSD_REDIS_RETRY_MAX"):
+        load_config([], {"WKSD_REDIS_RETRY_MAX": "abc"})
+
+
 def test_fsync_takes_redis_words_only() -> None:
     """always, everysec, no; anything else names WKSD_FSYNC."""
     assert load_config([], {"WKSD_FSYNC": "Always"}).fsync == "always"

@@ -210,6 +210,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "1.0",
     ),
     Setting(
+        "WKSD_REDIS_RETRY_MAX",
+        "redis_retry_max",
+        _seconds(0.01, 3600),
+        "longest wait in seconds between Redis reconnection attempts",
+        "5",
+    ),
+    Setting(
         "WKSD_SWEEP_INTERVAL",
         "sweep_interval",
         _seconds(0.01, 86400),
