@@ -195,6 +195,11 @@ class Writers:
         for thread in self._threads:
             thread.join(30)
 
+    def wait_for(self, writes: int) -> None:
+        """Return once ``writes`` more are acknowledged (or a writer failed)."""
+        goal = len(self.acked) + writes
+        wait_until(lambda: len(self.acked) >= goal or bool(self.errors), 15, "the writers")
+
     def _work(self, index: int) -> None:
         with Client(self.path, timeout=10) as c:
             n = 0
@@ -237,16 +242,10 @@ def test_restarts_under_load_lose_no_request_and_no_write(
         daemon = daemons(env)
         with Writers(sock_path) as writers:
             for _ in range(RESTARTS):
-                goal = len(writers.acked) + WRITES_PER_LIFE
-                deadline = time.monotonic() + 15
-                while len(writers.acked) < goal and not writers.errors:
-                    assert time.monotonic() < deadline, "the writers stalled"
-                    time.sleep(0.01)
+                writers.wait_for(WRITES_PER_LIFE)
                 assert daemon.stop(signal.SIGTERM) == 0
                 daemon = daemons(env)
-            goal = len(writers.acked) + WRITES_PER_LIFE
-            while len(writers.acked) < goal and not writers.errors:
-                time.sleep(0.01)
+            writers.wait_for(WRITES_PER_LIFE)
         assert writers.errors == []
         with Client(sock_path) as c:
             kept = {key: c.get_session(key) for key in writers.acked}

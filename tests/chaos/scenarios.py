@@ -36,6 +36,7 @@ import redis
 from clientlib import Client
 from clientlib.errors import WksError
 
+from ..polling import wait_until
 from ..redis_server import RedisServer
 from .checker import FAILURES, MISSING, Reader, check_keys, check_locks, read_log, seq_of
 from .faults import GAP, Faults
@@ -117,12 +118,11 @@ def backend(daemon: ChaosDaemon) -> str | None:
 
 def wait_for_redis(daemons: Sequence[ChaosDaemon], timeout: float) -> bool:
     """Whether every daemon serves from Redis (journal written back) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(backend(d) == "redis" for d in daemons):
-            return True
-        time.sleep(0.1)
-    return False
+    try:
+        wait_until(lambda: all(backend(d) == "redis" for d in daemons), timeout, "redis serving")
+    except TimeoutError:
+        return False
+    return True
 
 
 def wksd_reader(client: Client) -> Reader:
