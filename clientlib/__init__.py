@@ -14,7 +14,7 @@ on first use, so ``import clientlib`` still imports no event loop.
 
 from typing import TYPE_CHECKING, Any
 
-from ._calls import cache_key
+from ._calls import cache_key, canonical_cache_key
 from ._paths import default_socket_path, resolve_socket_path
 from ._sync import Client, WorkflowSubscription
 from ._types import (
@@ -80,6 +80,7 @@ __all__ = [
     "WorkflowStats",
     "WorkflowSubscription",
     "cache_key",
+    "canonical_cache_key",
     "default_socket_path",
     "resolve_socket_path",
 ]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._jsjson import stringify
 from ._types import (
     CleanupResult,
     Health,
@@ -27,7 +28,7 @@ from ._types import (
 )
 from .errors import ComputeFailed, RequestTimeout
 
-__all__ = ["Call", "cache_key"]
+__all__ = ["Call", "cache_key", "canonical_cache_key"]
 
 T = TypeVar("T")
 
@@ -54,10 +55,21 @@ class Call(Generic[T]):
 
 
 def cache_key(params: Any) -> str:
-    """md5 hex of the canonical JSON of ``params`` (sorted keys, no spaces).
+    """The seed's key for ``params``: md5 hex of ``JSON.stringify(params)``, byte for byte.
 
-    This is the seed's ``generateCacheKey``: the same request parameters give
-    the same key in Python and in the TypeScript app.
+    Keys keep JavaScript's order (integer-like first, then as inserted), so
+    ``{"q": "shoes", "page": "2"}`` and ``{"page": "2", "q": "shoes"}`` are two
+    keys, as they are in the seed; see ``clientlib._jsjson`` for the rules.
+    """
+    return hashlib.md5(stringify(params).encode(), usedforsecurity=False).hexdigest()
+
+
+def canonical_cache_key(params: Any) -> str:
+    """An order-insensitive key: md5 hex of ``params`` as JSON with sorted keys.
+
+    Not the seed's key (the TypeScript app never finds it); for caches only
+    Python workers share. It is the key ``cache_key`` gave before it matched
+    the seed, so entries written then are still found.
     """
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.md5(canonical.encode(), usedforsecurity=False).hexdigest()

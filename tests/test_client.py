@@ -276,14 +276,17 @@ def test_one_client_shared_by_threads(client: Client) -> None:
     assert errors == []
 
 
-def test_cache_key_is_md5_of_canonical_json() -> None:
-    """cache_key: md5 hex of JSON with sorted keys and no spaces, as the seed computes it."""
-    canonical = '{"a":[1,{"c":3,"d":2}],"b":"é"}'
+def test_cache_key_is_md5_of_json_stringify() -> None:
+    """cache_key: md5 hex of JSON.stringify's text, keys as inserted (tests/test_cache_key.py)."""
+    stringified = '{"b":"é","a":[1,{"d":2,"c":3}]}'
     assert (
         cache_key({"b": "é", "a": [1, {"d": 2, "c": 3}]})
-        == hashlib.md5(canonical.encode()).hexdigest()
+        == hashlib.md5(stringified.encode()).hexdigest()
     )
-    assert cache_key({"x": 1, "y": 2}) == cache_key({"y": 2, "x": 1})
+    assert cache_key({"x": 1, "y": 2}) != cache_key({"y": 2, "x": 1})
+    assert clientlib.canonical_cache_key({"x": 1, "y": 2}) == clientlib.canonical_cache_key(
+        {"y": 2, "x": 1}
+    )
 
 
 def test_socket_path_resolution(tmp_path: os.PathLike[str]) -> None:
