@@ -76,7 +76,9 @@ def canonical_cache_key(params: Any) -> str:
 
 
 def _optional_state(state: Any) -> WorkflowState | None:
-    return None if state is None else WorkflowState.from_wire(state)
+    """A state, or None: absent, or stored by another program as something
+    other than a map (``call("workflow.get", ...)`` gives it as it is)."""
+    return WorkflowState.from_wire(state) if isinstance(state, dict) else None
 
 
 def ping() -> Call[str]:
@@ -163,7 +165,11 @@ def active_workflows_detailed() -> Call[list[WorkflowState]]:
     return Call(
         "workflow.active_detailed",
         [],
-        lambda result: [WorkflowState.from_wire(state) for state in result["workflows"]],
+        lambda result: [
+            WorkflowState.from_wire(state)
+            for state in result["workflows"]
+            if isinstance(state, dict)
+        ],
     )
 
 

@@ -23,12 +23,17 @@ WORKFLOW_EVENT_TYPES = ("started", "progress", "completed", "failed", "cancelled
 
 @dataclass(frozen=True, slots=True)
 class WorkflowState:
-    """One workflow execution (DESIGN section 3.1); times in epoch ms."""
+    """One workflow execution (DESIGN section 3.1); times in epoch ms.
+
+    ``progress`` is None where the seed's app wrote ``null`` (a run of zero
+    total steps: JavaScript's ``Math.round(0 / 0 * 100)``); fields a state
+    written by another program lacks take empty defaults.
+    """
 
     execution_id: str
     workflow_id: str
     status: str
-    progress: int
+    progress: int | None
     current_step: str
     total_steps: int
     completed_steps: int
@@ -46,7 +51,7 @@ class WorkflowState:
     @classmethod
     def from_wire(cls, state: dict[str, Any]) -> WorkflowState:
         return cls(
-            execution_id=state["executionId"],
+            execution_id=state.get("executionId", ""),
             workflow_id=state.get("workflowId", ""),
             status=state.get("status", ""),
             progress=state.get("progress", 0),

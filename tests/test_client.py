@@ -317,3 +317,17 @@ def test_public_surface_is_declared() -> None:
     """Everything in clientlib.__all__ exists."""
     for name in clientlib.__all__:
         assert hasattr(clientlib, name), name
+
+
+def test_states_the_seed_wrote_are_typed_without_failing() -> None:
+    """A zero-step run's null progress stays None, missing fields take defaults, and a
+    state that is not a map (another program's) is no state."""
+    from clientlib._calls import active_workflows_detailed, fetch_workflow_state
+
+    seed = {"executionId": "e1", "status": "running", "progress": None, "totalSteps": 0}
+    state = fetch_workflow_state("e1").convert(seed)
+    assert state is not None and state.progress is None and state.total_steps == 0
+    assert WorkflowState.from_wire({"status": "running"}).execution_id == ""
+    assert fetch_workflow_state("e1").convert(["not", "a", "map"]) is None
+    listed = active_workflows_detailed().convert({"workflows": [seed, "junk"], "count": 2})
+    assert [s.execution_id for s in listed] == ["e1"]

@@ -69,9 +69,10 @@ RUNNING = WorkflowState(
         (100, "[####################] 100%"),
         (-5, "[....................]   0%"),
         (150, "[####################] 100%"),
+        (None, "[....................]   -"),  # the seed's progress of a zero-step run
     ],
 )
-def test_progress_bar(percent: int, bar: str) -> None:
+def test_progress_bar(percent: int | None, bar: str) -> None:
     """The bar fills a cell per 5 % earned, right-aligns the percentage, and clamps to 0-100."""
     assert progress_bar(percent) == bar
 

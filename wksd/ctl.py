@@ -94,8 +94,13 @@ _PLACEHOLDER_METHOD: Final = "_"
 
 
 # -- pure formatting ----------------------------------------------------------
-def progress_bar(percent: int, width: int = BAR_WIDTH) -> str:
-    """``[#######.............]  35%``: cells filled only once fully earned."""
+def progress_bar(percent: int | None, width: int = BAR_WIDTH) -> str:
+    """``[#######.............]  35%``: cells filled only once fully earned.
+
+    None (the seed's progress of a zero-step run) is an empty bar marked ``-``.
+    """
+    if percent is None:
+        return f"[{'.' * width}]   -"
     percent = max(0, min(100, percent))
     filled = percent * width // 100
     return f"[{'#' * filled}{'.' * (width - filled)}] {percent:>3}%"
