@@ -131,7 +131,7 @@ async def test_outage_writes_are_written_back(
         assert json.loads(direct.get("wks:workflow:e1"))["progress"] == 50
         assert direct.smembers("wks:executions:active") == {b"e1"}
         assert direct.get("wks:lock:execution:e2") == b"worker-1"
-        assert int(direct.get("wks:lock:token:e2")) == lock["fencingToken"]
+        assert direct.get("wks:lock:token:e2") == b"%d:worker-1" % lock["fencingToken"]
         assert int(direct.get("wks:lock:fencing")) >= lock["fencingToken"]
     assert host.store.pending_writes == 0
     assert 'wksd_reconciled_keys_total{outcome="written"}' in host.metrics.render()

@@ -22,10 +22,21 @@ Stale-while-revalidate: ``fill`` with ``stale_ttl`` keeps the value that much
 longer than ``ttl`` and records when it stops being fresh
 (``cache:meta:{key}``). A stale value is answered at once to everyone; the
 first caller that finds it stale also gets a lease, to refresh it.
+
+The metadata is bound to the value it describes, so that it can never
+outlive or misattribute it: value and metadata are written at once
+(``Store.cache_fill``) and expire in the same millisecond, and the metadata
+holds a fingerprint of the value's bytes. Any other write of the value (the
+seed's plain ``SET EX``, ``cache.set``, a write-back after an outage) gives
+the value another expiry (or, one that kept the expiry, other bytes), so
+the metadata no longer counts (``Store.cache_lookup``, ``_fresh_until``)
+and the value is fresh for as long as it lives. A fill without
+``stale_ttl`` deletes the metadata with the write.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,6 +61,10 @@ log = structlog.get_logger("wksd.cache")
 #: Seconds between looks for a value another daemon is computing, in case its
 #: "filled" message was lost.
 REMOTE_POLL: Final = 0.2
+
+#: Bytes of the value's BLAKE2b digest the metadata holds: enough that two
+#: values of one key never share a fingerprint by chance.
+FINGERPRINT_BYTES: Final = 16
 
 _TIMEOUT: Final = {"status": "timeout"}
 
@@ -106,13 +121,10 @@ class CacheFlight:
     ) -> dict[str, Any]:
         raw = encode(value, "cache value")
         fresh_ms, stale_ms = ttl_ms(ttl), (ttl_ms(stale_ttl) if stale_ttl > 0 else 0)
-        await self._store.set(self._keys.cache(key), raw, fresh_ms + stale_ms)
-        meta = self._keys.cache_meta(key)
+        meta = None
         if stale_ms:
-            fresh_until = str(now_ms(self._clock) + fresh_ms).encode()
-            await self._store.set(meta, fresh_until, fresh_ms + stale_ms)
-        else:
-            await self._store.delete(meta)
+            meta = b"%d %s" % (now_ms(self._clock) + fresh_ms, _fingerprint(raw))
+        await self._store.cache_fill(self._keys, key, raw, fresh_ms + stale_ms, meta)
         flight = self._flights.get(key)
         ours = flight is not None and flight.token == token
         if flight is not None:  # whoever computed it, waiters here can have it
@@ -262,11 +274,30 @@ class CacheFlight:
 
     async def _lookup(self, key: str) -> tuple[Any, bool]:
         """The cached value (or _MISSING), and whether it is stale."""
-        raw, meta = await self._store.get_many([self._keys.cache(key), self._keys.cache_meta(key)])
+        raw, meta = await self._store.cache_lookup(self._keys, key)
         if raw is None:
             return _MISSING, False
-        stale = meta is not None and int(meta) <= now_ms(self._clock)
+        fresh_until = _fresh_until(raw, meta)
+        stale = fresh_until is not None and fresh_until <= now_ms(self._clock)
         return decode(raw), stale
 
 
 _MISSING: Final[Any] = object()
+
+
+def _fingerprint(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=FINGERPRINT_BYTES).hexdigest().encode()
+
+
+def _fresh_until(raw: bytes, meta: bytes | None) -> int | None:
+    """When the value ``raw`` stops being fresh (ms), if ``meta`` says so of it.
+
+    None (fresh while it lives) for no metadata, metadata of other bytes, and
+    metadata this daemon cannot read (an older wksd wrote a bare time).
+    """
+    if meta is None:
+        return None
+    fresh_until, _, fingerprint = meta.partition(b" ")
+    if fingerprint != _fingerprint(raw) or not fresh_until.isdigit():
+        return None
+    return int(fresh_until)

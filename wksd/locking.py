@@ -26,10 +26,23 @@ through another connection ends it (reason ``released``).
 Waiting. ``lock.acquire`` with ``wait`` queues behind this daemon's earlier
 waiters for the same execution id (FIFO) and only the head of the queue tries
 the lock. The head tries again when woken (a release through this daemon; a
-release through another daemon, announced on Redis pub/sub), when the
-holder's TTL runs out (it knows how long that is from its last try), and at
-least every ``POLL_INTERVAL`` in case an announcement was lost. A waiter
-leaving the queue (granted, timed out, or its connection gone) wakes the next.
+release through another daemon, announced on Redis pub/sub) and when the
+holder's TTL runs out (it knows how long that is from its last try). In case
+an announcement was lost (or the TypeScript app released with a plain DEL),
+one poller reads every waited lock key at once each ``POLL_INTERVAL`` (one
+MGET per ``POLL_BATCH`` ids) and wakes the heads whose lock is free or has
+changed hands: waiting costs Redis one command a second, however many wait.
+A waiter leaving the queue (granted, timed out, or its connection gone) wakes
+the next. A connection may have ``MAX_WAITS_PER_CONNECTION`` waits at once;
+one more is refused with ``FULL`` before anything is tried.
+
+A grant goes to a peer that hears of it, or is undone. A wait cancelled (its
+peer gone, the daemon draining) after its grant completed in the store, in
+the shield that keeps a grant whole, releases that holding before the
+cancellation goes on; a grant the server could not deliver is undone by the
+``Later``'s ``revoke``. Undoing releases exactly that holding (owner and
+fencing token checked, so a later holding of the same worker stays), drops
+its keepalive, and announces the release so the next waiter goes.
 """
 
 from __future__ import annotations
@@ -43,20 +56,40 @@ from typing import Any, Final
 import structlog
 import trio
 
-from clientlib.errors import RemoteError
+from clientlib.errors import Full, RemoteError
 
 from .domain.locks import Locks
 from .keys import KeySpace
 from .methods import Later, Session
 from .store.base import Store
 
-__all__ = ["EXTEND_RETRY", "POLL_INTERVAL", "LockService", "retry_interval"]
+__all__ = [
+    "EXTEND_RETRY",
+    "MAX_WAITS_PER_CONNECTION",
+    "POLL_BATCH",
+    "POLL_INTERVAL",
+    "LockService",
+    "retry_interval",
+]
 
 log = structlog.get_logger("wksd.locks")
 
-#: Seconds between a waiting head's tries when no release is announced: the
-#: safety net for a lost pub/sub message or a release by the TypeScript app.
+#: Seconds between polls of every waited lock when no release is announced:
+#: the safety net for a lost pub/sub message or a release by the TypeScript
+#: app, which announces nothing. A lock freed behind the daemon's back is
+#: seen within a second, for one command a second however many wait.
 POLL_INTERVAL: Final = 1.0
+
+#: Lock keys a poll reads per MGET: Redis serves one command at a time, and an
+#: MGET of a thousand keys takes it a fraction of a millisecond, where one of
+#: a hundred thousand would stall every other client for tens of them.
+POLL_BATCH: Final = 1000
+
+#: Waiting ``lock.acquire`` calls one connection may have at once. A worker
+#: waits for a lock or a few (a pool of threads on one connection, a few
+#: dozen); each wait holds a task and a place in a FIFO queue, so without a
+#: bound one client could queue thousands ahead of everyone else's workers.
+MAX_WAITS_PER_CONNECTION: Final = 100
 
 #: A waiter whose holder's TTL ran out tries this long after it, so the
 #: expiry has happened in Redis too.
@@ -135,12 +168,14 @@ class LockService:
         self._holders: dict[str, str | None] = {}  # last holder seen by a waiter
         self._kept: dict[tuple[str, str], _Kept] = {}
         self._sessions: dict[int, set[tuple[str, str]]] = {}
+        self._waits: dict[int, int] = {}  # session id -> its waits now
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the keepalive tasks; run for the daemon's life."""
+        """Own the keepalive tasks and the poller; run for the daemon's life."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._poll)
             task_status.started()
             await trio.sleep_forever()
 
@@ -154,6 +189,11 @@ class LockService:
         keepalive: bool,
         wait: float,
     ) -> dict[str, Any] | Later:
+        if wait > 0 and self._waits.get(session.id, 0) >= MAX_WAITS_PER_CONNECTION:
+            raise Full(
+                f"this connection already has {MAX_WAITS_PER_CONNECTION} lock.acquire calls"
+                " waiting (MAX_WAITS_PER_CONNECTION); wait for one to end"
+            )
         if not (wait > 0 and self._queues.get(execution_id)):
             result, _ = await self._try(session, execution_id, worker_id, ttl, keepalive)
             if result["acquired"] or wait <= 0:
@@ -161,10 +201,12 @@ class LockService:
             self._holders[execution_id] = result["workerId"]
         waiter = _Waiter(worker_id, ttl, keepalive, session)
         self._queues.setdefault(execution_id, deque()).append(waiter)
+        self._waits[session.id] = self._waits.get(session.id, 0) + 1
         deadline = trio.current_time() + wait
         return Later(
             partial(self._wait, execution_id, waiter, deadline),
             partial(self._refusal, execution_id),
+            partial(self._revoke, execution_id, waiter),
         )
 
     async def release(self, session: Session, execution_id: str, worker_id: str) -> dict[str, Any]:
@@ -224,9 +266,9 @@ class LockService:
                         waiter.keepalive,
                     )
                     if result["acquired"]:
+                        await self._deliverable(execution_id, waiter, result)
                         return result
                     self._holders[execution_id] = result["workerId"]
-                    retry_at = min(deadline, trio.current_time() + POLL_INTERVAL)
                     if holder_ttl is not None:
                         expiry = trio.current_time() + holder_ttl / 1000 + EXPIRY_SLACK
                         retry_at = min(retry_at, expiry)
@@ -236,13 +278,74 @@ class LockService:
                     await waiter.wake.wait()
                 waiter.wake = trio.Event()
         finally:
-            head = queue[0] is waiter
-            queue.remove(waiter)
-            if not queue:
-                del self._queues[execution_id]
-                self._holders.pop(execution_id, None)
-            elif head:
-                queue[0].wake.set()
+            self._left(execution_id, waiter)
+
+    def _left(self, execution_id: str, waiter: _Waiter) -> None:
+        """``waiter`` leaves its queue (and its connection's count); the next goes."""
+        queue = self._queues[execution_id]
+        head = queue[0] is waiter
+        queue.remove(waiter)
+        if not queue:
+            del self._queues[execution_id]
+            self._holders.pop(execution_id, None)
+        elif head:
+            queue[0].wake.set()
+        session_id = waiter.session.id
+        self._waits[session_id] -= 1
+        if not self._waits[session_id]:
+            del self._waits[session_id]
+
+    async def _deliverable(
+        self, execution_id: str, waiter: _Waiter, result: dict[str, Any]
+    ) -> None:
+        """Raise ``Cancelled`` if the wait was cancelled while its grant was in
+        flight (shielded): the grant is undone first, nobody would hear of it."""
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except trio.Cancelled:
+            log.info(
+                "lock granted to a wait cancelled meanwhile; undone", execution_id=execution_id
+            )
+            await self._undo(waiter, execution_id, result["fencingToken"])
+            raise
+
+    async def _revoke(self, execution_id: str, waiter: _Waiter, result: Any) -> None:
+        """Undo a grant the server could not deliver (the peer had gone)."""
+        if isinstance(result, dict) and result.get("acquired"):
+            log.info("lock granted to a peer that has gone; undone", execution_id=execution_id)
+            await self._undo(waiter, execution_id, result.get("fencingToken"))
+
+    async def _undo(self, waiter: _Waiter, execution_id: str, token: int | None) -> None:
+        """Release exactly the holding ``waiter`` was granted, and let the next go."""
+        with trio.CancelScope(shield=True):
+            kept = self._kept.get((execution_id, waiter.worker_id))
+            if kept is not None and kept.session is waiter.session:
+                self._forget(execution_id, waiter.worker_id)
+            try:
+                result = await self._locks.release(execution_id, waiter.worker_id, token)
+            except RemoteError as exc:  # it runs out with its TTL
+                log.warning("undoing a grant failed", error=exc.code)
+                return
+            if result["released"]:
+                await self._announce(execution_id)
+
+    async def _poll(self) -> None:
+        """Each ``POLL_INTERVAL``, read every waited lock at once; wake the heads
+        whose lock is free or has changed hands since their last try."""
+        while True:
+            await trio.sleep(POLL_INTERVAL)
+            ids = list(self._queues)
+            for start in range(0, len(ids), POLL_BATCH):
+                batch = ids[start : start + POLL_BATCH]
+                try:
+                    holders = await self._store.get_many([self._keys.lock(i) for i in batch])
+                except RemoteError as exc:  # the heads still try at their holders' expiry
+                    log.debug("lock poll failed", error=exc.code)
+                    break
+                for execution_id, holder in zip(batch, holders, strict=True):
+                    seen = self._holders.get(execution_id)
+                    if holder is None or holder.decode(errors="replace") != seen:
+                        self.notify_released(execution_id)
 
     def _refusal(self, execution_id: str) -> dict[str, Any]:
         """The answer when the wait runs out (or the daemon shuts down first)."""

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import structlog
+import trio
 
 from clientlib.errors import BadRequest, Forbidden, InternalError, RemoteError, UnknownMethod
 
 from .access import Peer
-from .domain.values import MAX_TEXT_BYTES
+from .domain.values import MAX_SAFE_INTEGER, MAX_TEXT_BYTES
 from .domain.workflows import FINISHED
 from .metrics import Metrics
 
@@ -31,8 +32,6 @@ log = structlog.get_logger("wksd.methods")
 MAX_ID_BYTES: Final = 256
 #: TTLs above ten years are surely mistakes; they would pin a key for good.
 MAX_TTL_SECONDS: Final = 10 * 365 * 86400
-#: Integers are shared with JavaScript, which is exact only up to 2**53 - 1.
-MAX_SAFE_INTEGER: Final = 2**53 - 1
 
 _REQUIRED: Final = object()
 
@@ -60,14 +59,23 @@ class Later:
     The request has been applied in order (the waiter is queued); the server
     answers it when ``wait()`` returns, while it goes on with the
     connection's later requests. If the connection is drained first, it
-    answers ``give_up()`` instead, at once.
+    answers ``give_up()`` instead, at once. If the answer cannot be delivered
+    (the peer has gone by the time ``wait()`` returns), the server calls
+    ``revoke(result)`` to undo what the result granted: a lock is never left
+    to a peer that will never hear it has it.
     """
 
-    __slots__ = ("give_up", "wait")
+    __slots__ = ("give_up", "revoke", "wait")
 
-    def __init__(self, wait: Callable[[], Awaitable[Any]], give_up: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        wait: Callable[[], Awaitable[Any]],
+        give_up: Callable[[], Any],
+        revoke: Callable[[Any], Awaitable[None]] | None = None,
+    ) -> None:
         self.wait = wait
         self.give_up = give_up
+        self.revoke = revoke
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +121,28 @@ class Method:
 def identifier(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{name} must be a non-empty string")
-    if len(value) > MAX_ID_BYTES // 4 and len(value.encode()) > MAX_ID_BYTES:
+    if len(value) > MAX_ID_BYTES:  # more characters than bytes allowed: too long anyway
         raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
+    if not value.isascii():
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:  # a lone surrogate, from a text line's "\ud83d"
+            raise BadRequest(f"{name} must be valid Unicode (no lone surrogates)") from None
+        if size > MAX_ID_BYTES:
+            raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
     return value
 
 
 def text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"{name} must be a string")
-    if len(value) > MAX_TEXT_BYTES // 4 and len(value.encode()) > MAX_TEXT_BYTES:
-        raise BadRequest(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
+    if len(value) > MAX_TEXT_BYTES // 4:
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            size = len(value.encode(errors="surrogatepass"))  # stored as JSON escapes
+        if size > MAX_TEXT_BYTES:
+            raise BadRequest(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
     return value
 
 
@@ -183,7 +203,7 @@ def integer(low: int) -> Check:
 
 
 def finish_status(name: str, value: Any) -> str:
-    if value not in FINISHED or not isinstance(value, str):
+    if not isinstance(value, str) or value not in FINISHED:  # a list is unhashable
         raise BadRequest(f"{name} must be one of {', '.join(sorted(FINISHED))}")
     return value
 
@@ -238,7 +258,7 @@ class Dispatcher:
             if self._commit is not None:
                 await self._commit()
                 if isinstance(result, Later):
-                    result = Later(self._committed(result.wait), result.give_up)
+                    result = Later(self._committed(result.wait), result.give_up, result.revoke)
             return result
         except RemoteError as exc:
             code = exc.code
@@ -259,7 +279,10 @@ class Dispatcher:
 
         async def wait_then_commit() -> Any:
             result = await wait()
-            await commit()
+            # Shielded: a cancellation here would lose a result (a granted
+            # lock) that the server must deliver or revoke.
+            with trio.CancelScope(shield=True):
+                await commit()
             return result
 
         return wait_then_commit

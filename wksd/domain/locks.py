@@ -41,8 +41,11 @@ class Locks:
         }
         return result, None if outcome.acquired else outcome.ttl_ms
 
-    async def release(self, execution_id: str, worker_id: str) -> dict[str, Any]:
-        status = await self._store.lock_release(self._keys, execution_id, worker_id)
+    async def release(
+        self, execution_id: str, worker_id: str, token: int | None = None
+    ) -> dict[str, Any]:
+        """With ``token``: only the holding that token was given to (one grant undone)."""
+        status = await self._store.lock_release(self._keys, execution_id, worker_id, token)
         return {"released": status == RELEASED, "status": status}
 
     async def extend(self, execution_id: str, worker_id: str, ttl: float) -> dict[str, Any]:

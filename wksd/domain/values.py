@@ -1,14 +1,39 @@
-"""Stored values: JSON bytes, as the seed's TypeScript app reads and writes them."""
+r"""Stored values: JSON bytes, as the seed's TypeScript app reads and writes them.
+
+Lone surrogates. ``JSON.stringify`` escapes a lone UTF-16 surrogate as
+``"\ud83d"``, and Python's json reads that back as a str no encoder will take
+(msgpack and UTF-8 refuse it), so an answer holding one could not be sent.
+``decode`` therefore gives U+FFFD in place of each lone surrogate, in keys
+and values at any depth; a proper pair (``"\ud83d\ude00"``) is one
+character, as in JavaScript. It does so in the JSON text, before parsing:
+each lone surrogate escape becomes ``\ufffd`` (``_ESCAPES``, one pass at C
+speed). The stored bytes are left as they are until the value is written
+again. Only a value whose bytes hold a surrogate escape
+(``_SURROGATE_ESCAPE``) is rewritten, so the others cost one regex search.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Final
 
-from clientlib.errors import BadRequest, InternalError, TooLarge
+import structlog
 
-__all__ = ["MAX_STATE_BYTES", "MAX_TEXT_BYTES", "MAX_VALUE_BYTES", "decode", "encode", "ttl_ms"]
+from clientlib.errors import BadRequest, TooLarge
+
+__all__ = [
+    "MAX_SAFE_INTEGER",
+    "MAX_STATE_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_VALUE_BYTES",
+    "decode",
+    "encode",
+    "ttl_ms",
+]
+
+log = structlog.get_logger("wksd.values")
 
 #: A stored value (session data, cache value, workflow data) may be this large
 #: once encoded (DESIGN section 3). A Redis string could hold far more, but
@@ -18,6 +43,12 @@ MAX_VALUE_BYTES: Final = 1024 * 1024
 #: A workflow's current step and error message may be this long: room for a
 #: stack trace, far from the value limit.
 MAX_TEXT_BYTES: Final = 64 * 1024
+
+#: JavaScript's Number.MAX_SAFE_INTEGER: integers are shared with the seed's
+#: app, which is exact only up to here. A larger one in a request is refused;
+#: one in stored data is not a number a JavaScript program wrote, and is read
+#: as no number at all.
+MAX_SAFE_INTEGER: Final = 2**53 - 1
 
 #: A whole workflow state: 1 MiB of data plus its fields (two texts, ids and
 #: numbers), so a state whose data is at the value limit is still stored.
@@ -52,11 +83,47 @@ def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} has no JSON form")
 
 
+#: A JSON escape of a UTF-16 surrogate (U+D800 to U+DFFF), in either case.
+#: It can match an escaped backslash followed by "ud83d" too: that value is
+#: then repaired for nothing, and comes out unchanged.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+#: In the JSON text, left to right: an escaped backslash (kept, so the "u"
+#: after it is not read as an escape), a high surrogate escape followed by a
+#: low one (a proper pair, kept), or any other surrogate escape (lone).
+_ESCAPES: Final = re.compile(
+    rb"\\\\"
+    rb"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
+#: The escape of U+FFFD, what JavaScript's TextEncoder (and so ioredis)
+#: writes for a lone surrogate.
+_REPLACEMENT_ESCAPE: Final = rb"\ufffd"
+#: The length of one \uXXXX escape: a match this long is a lone surrogate.
+_ONE_ESCAPE: Final = 6
+
+
 def decode(raw: bytes) -> Any:
+    """A stored value, lone surrogates as U+FFFD; nil when it is not JSON.
+
+    The seed's app reads with ``data ? JSON.parse(data) : null``, so the empty
+    string its ``setex(key, ttl, undefined)`` writes is no value; bytes that
+    are not JSON at all (another program's) are no value either, rather than
+    an error every reader of the key would get (DESIGN 3.1). Logged at debug
+    level only: a client could otherwise fill the log by reading such a key.
+    """
+    if _SURROGATE_ESCAPE.search(raw) is not None:
+        raw = _ESCAPES.sub(_repair, raw)
     try:
         return json.loads(raw)
-    except ValueError:
-        raise InternalError("a stored value is not valid JSON") from None
+    except (ValueError, RecursionError) as exc:
+        if raw:
+            log.debug("stored value read as nil", reason=type(exc).__name__, size=len(raw))
+        return None
+
+
+def _repair(match: re.Match[bytes]) -> bytes:
+    escape = match.group()
+    return _REPLACEMENT_ESCAPE if len(escape) == _ONE_ESCAPE else escape
 
 
 def ttl_ms(seconds: float) -> int:

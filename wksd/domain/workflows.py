@@ -6,12 +6,31 @@ another writer got there first. Two concurrent updates through any number of
 daemons therefore never lose one another. ``stats`` and ``active_detailed``
 read everything in one ``workflow_snapshot`` (one Redis round trip).
 
-Progress and ETA use integer arithmetic on the exact fraction, rounding half
-up as JavaScript's Math.round does, so wksd and the seed's app agree.
+Progress is computed as the seed computes it, ``Math.round((completed /
+total) * 100)`` in IEEE doubles (``js_progress``: 23 of 40 is 57, since the
+double is 57.49999999999999), so both programs write the same number; with
+``totalSteps`` 0 that is NaN, which JSON writes as null. The ETA uses
+integer arithmetic on the exact fraction.
+
+Stored states are read as whoever wrote them wrote them (the seed's app
+too), and no handler fails on their shape:
+
+- a state that is not a JSON map is *unreadable*: ``get`` answers it as it
+  is, ``update`` and ``complete`` are CONFLICT, ``start`` replaces it,
+  ``cleanup`` counts it as an error and leaves it, ``stats`` counts it as
+  existing but under no status;
+- ``status`` missing or not one of the five names: not finished (``update``
+  and ``complete`` go ahead, ``start`` is CONFLICT), counted under no status;
+- ``totalSteps`` not a whole number >= 0: ``update`` is CONFLICT;
+- ``data`` null (or not a map): merged data replaces it, no data leaves it;
+- ``progress`` not a number counts as 0 in the average (JavaScript's null);
+- times not numbers: no ETA without ``startedAt``; ``cleanup`` judges
+  staleness by ``updatedAt``, else ``startedAt``, else calls the run stale.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,14 +38,14 @@ from typing import Any, Final
 
 import trio
 
-from clientlib.errors import BadRequest, Conflict, NotFound, WksError
+from clientlib.errors import BadRequest, Conflict, InternalError, NotFound, WksError
 
 from ..clock import Clock, now_ms
 from ..keys import KeySpace
 from ..store.base import Store, WorkflowSwap
-from .values import MAX_STATE_BYTES, decode, encode
+from .values import MAX_SAFE_INTEGER, MAX_STATE_BYTES, decode, encode
 
-__all__ = ["FINISHED", "STALE_ERROR", "STATUSES", "Workflows"]
+__all__ = ["FINISHED", "STALE_ERROR", "STATUSES", "Workflows", "js_progress", "js_round"]
 
 STATUSES: Final = ("pending", "running", "completed", "failed", "cancelled")
 FINISHED: Final = frozenset({"completed", "failed", "cancelled"})
@@ -58,8 +77,74 @@ class _Plan:
 
 
 def _round_half_up(numerator: int, denominator: int) -> int:
-    """numerator / denominator rounded as Math.round does, exactly."""
+    """numerator / denominator rounded half up, exactly (for the ETA)."""
     return (2 * numerator + denominator) // (2 * denominator)
+
+
+def js_round(x: float) -> int | None:
+    """JavaScript's Math.round(x); None (JSON's null) for NaN and the infinities.
+
+    Not floor(x + 0.5): for 0.49999999999999994 that sum rounds up to 1.0 in
+    doubles, where JavaScript answers 0. x - floor(x) is exact.
+    """
+    if not math.isfinite(x):
+        return None
+    whole = math.floor(x)
+    return whole + 1 if x - whole >= 0.5 else whole
+
+
+def js_progress(completed: int, total: int) -> int | None:
+    """The seed's ``Math.round((completed / total) * 100)``, in IEEE doubles."""
+    if total == 0:
+        return None  # 0 / 0 is NaN (and c / 0 Infinity): JSON.stringify writes null
+    return js_round((completed / total) * 100)
+
+
+class _Unreadable:
+    """A stored state that is not a JSON map (see the module docstring)."""
+
+
+_UNREADABLE: Final = _Unreadable()
+
+_Current = dict[str, Any] | _Unreadable | None
+
+
+def _read_state(raw: bytes | None) -> _Current:
+    if raw is None:
+        return None
+    try:
+        state = decode(raw)
+    except WksError:
+        return _UNREADABLE
+    return state if isinstance(state, dict) else _UNREADABLE
+
+
+def _status(state: Any) -> str | None:
+    """The state's status when it is one of the five, else None."""
+    status = state.get("status") if isinstance(state, dict) else None
+    return status if isinstance(status, str) and status in STATUSES else None
+
+
+def _is_finished(state: dict[str, Any]) -> bool:
+    return _status(state) in FINISHED
+
+
+def _number(value: Any) -> float | int | None:
+    """A stored number a JavaScript program could have written, else None."""
+    if type(value) in (int, float) and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return value  # type: ignore[no-any-return]
+    return None  # not a number, a bool, NaN, an infinity, or too large
+
+
+def _ms(value: Any) -> int | None:
+    """A stored time (ms), when it is a number."""
+    number = _number(value)
+    return None if number is None else int(number)
+
+
+def _merged(base: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """``{...base, ...extra}``: a base that is not a map (null) adds nothing."""
+    return {**(base if isinstance(base, dict) else {}), **extra}
 
 
 class Workflows:
@@ -83,8 +168,8 @@ class Workflows:
     ) -> dict[str, Any]:
         encode(data, "data")
 
-        def plan(current: dict[str, Any] | None, now: int) -> _Plan:
-            if current is not None and current.get("status") not in FINISHED:
+        def plan(current: _Current, now: int) -> _Plan:
+            if isinstance(current, dict) and not _is_finished(current):
                 raise Conflict(f"workflow {execution_id} is already active")
             state = {
                 "executionId": execution_id,
@@ -109,26 +194,28 @@ class Workflows:
         current_step: str,
         data: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        def plan(current: dict[str, Any] | None, now: int) -> _Plan:
-            current = self._existing(execution_id, current)
-            total = current["totalSteps"]
+        def plan(current: _Current, now: int) -> _Plan:
+            state = dict(self._existing(execution_id, current))
+            total = state.get("totalSteps")
+            if type(total) is not int or not 0 <= total <= MAX_SAFE_INTEGER:
+                raise Conflict(
+                    f"workflow {execution_id} has no totalSteps (a whole number >= 0)"
+                    " to count steps against"
+                )
             if not 0 <= completed_steps <= total:
                 raise BadRequest(f"completed_steps must be between 0 and {total}")
-            state = dict(current)
             state.pop("estimatedCompletion", None)
-            merged = {**current.get("data", {}), **(data or {})}
-            if data:
-                encode(merged, "data")  # the merged data obeys the value limit
-            started = current["startedAt"]
+            if data is not None:
+                state["data"] = _encode_checked(_merged(state.get("data"), data))
             state.update(
                 status="running",
                 completedSteps=completed_steps,
                 currentStep=current_step,
-                progress=_round_half_up(100 * completed_steps, total),
-                data=merged,
+                progress=js_progress(completed_steps, total),
                 updatedAt=now,
             )
-            if 0 < completed_steps < total:
+            started = _ms(state.get("startedAt"))
+            if started is not None and 0 < completed_steps < total:
                 # startedAt + elapsed / fraction, with fraction = completed / total.
                 elapsed = max(0, now - started)
                 state["estimatedCompletion"] = started + _round_half_up(
@@ -145,13 +232,11 @@ class Workflows:
         error: str | None,
         final_data: dict[str, Any] | None,
     ) -> dict[str, Any]:
-        def plan(current: dict[str, Any] | None, now: int) -> _Plan:
-            current = self._existing(execution_id, current)
-            state = dict(current)
+        def plan(current: _Current, now: int) -> _Plan:
+            state = dict(self._existing(execution_id, current))
             state.pop("estimatedCompletion", None)
-            if final_data:
-                state["data"] = {**current.get("data", {}), **final_data}
-                encode(state["data"], "data")
+            if final_data is not None:
+                state["data"] = _encode_checked(_merged(state.get("data"), final_data))
             state.update(status=status, updatedAt=now, completedAt=now)
             if status == "completed":
                 state["progress"] = 100
@@ -180,27 +265,35 @@ class Workflows:
         snapshot = await self._store.workflow_snapshot(self._keys, now - MAX_RETENTION_MS)
         by_status = dict.fromkeys(STATUSES, 0)
         seen: set[str] = set()
-        progress: list[int] = []
+        progress: list[float] = []
+        existing = 0
         for execution_id, raw in snapshot.active:
+            if raw is None:
+                continue  # the id outlived its state: cleanup will remove it
+            existing += 1
             state = _decoded(raw)
-            if state is not None and state.get("status") in by_status:
+            status = _status(state)
+            if state is not None and status is not None:
                 seen.add(execution_id)
-                by_status[state["status"]] += 1
-                progress.append(int(state.get("progress", 0)))
+                by_status[status] += 1
+                progress.append(_percent(state.get("progress")))
         for raw in snapshot.finished:
             state = _decoded(raw)
-            if (
-                state is not None
-                and state.get("executionId") not in seen
-                and state.get("status") in by_status
-            ):
-                seen.add(state["executionId"])
-                by_status[state["status"]] += 1
-        average = _round_half_up(sum(progress), len(progress)) if progress else 0
+            status = _status(state)
+            if state is None or status is None:
+                continue
+            finished_id = state.get("executionId")
+            if isinstance(finished_id, str):
+                if finished_id in seen:
+                    continue
+                seen.add(finished_id)
+            by_status[status] += 1
+        # Math.round(total / count), as the seed averages.
+        average = js_round(sum(progress) / len(progress)) if progress else 0
         return {
-            "activeExecutions": len(snapshot.active),
+            "activeExecutions": existing,
             "executionsByStatus": by_status,
-            "averageProgress": average,
+            "averageProgress": average or 0,
         }
 
     async def cleanup(self) -> dict[str, int]:
@@ -224,8 +317,10 @@ class Workflows:
         if raw is None:  # the state expired or was deleted: leave the set
             return WorkflowSwap(execution_id, None, None, None, active=False)
         state = decode(raw)
-        if state.get("status") in FINISHED:
-            finished_at = state.get("completedAt") or state.get("updatedAt") or now
+        if not isinstance(state, dict):
+            raise InternalError(f"the state of workflow {execution_id} is not a map")
+        if _is_finished(state):
+            finished_at = _ms(state.get("completedAt")) or _ms(state.get("updatedAt")) or now
             return WorkflowSwap(
                 execution_id,
                 raw,
@@ -235,7 +330,10 @@ class Workflows:
                 finished_at=finished_at,
                 retain_since=now - MAX_RETENTION_MS,
             )
-        if now - int(state.get("updatedAt", 0)) <= self.stale_after_ms:
+        updated = _ms(state.get("updatedAt"))
+        if updated is None:
+            updated = _ms(state.get("startedAt")) or 0  # no time at all: stale
+        if now - updated <= self.stale_after_ms:
             return None
         state = dict(state)
         state.pop("estimatedCompletion", None)
@@ -255,23 +353,28 @@ class Workflows:
             await self.on_change(kind, state)
 
     @staticmethod
-    def _existing(execution_id: str, current: dict[str, Any] | None) -> dict[str, Any]:
+    def _existing(execution_id: str, current: _Current) -> dict[str, Any]:
         if current is None:
             raise NotFound(f"no workflow {execution_id}")
-        if current.get("status") in FINISHED:
+        if not isinstance(current, dict):
+            raise Conflict(
+                f"the stored state of workflow {execution_id} is not a map;"
+                " start it again to replace it"
+            )
+        if _is_finished(current):
             raise Conflict(f"workflow {execution_id} is already {current['status']}")
         return current
 
     async def _change(
         self,
         execution_id: str,
-        plan: Callable[[dict[str, Any] | None, int], _Plan],
+        plan: Callable[[_Current, int], _Plan],
         kind: Callable[[dict[str, Any]], str],
     ) -> dict[str, Any]:
         key = self._keys.workflow(execution_id)
         for attempt in range(MAX_SWAP_ATTEMPTS):
             raw = await self._store.get(key)
-            decision = plan(None if raw is None else decode(raw), now_ms(self._clock))
+            decision = plan(_read_state(raw), now_ms(self._clock))
             swap = WorkflowSwap(
                 execution_id,
                 expected=raw,
@@ -287,6 +390,18 @@ class Workflows:
             cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2**attempt)
             await trio.sleep(random.uniform(0, cap))
         raise Conflict(f"workflow {execution_id} kept changing under us; try again")
+
+
+def _encode_checked(data: dict[str, Any]) -> dict[str, Any]:
+    """``data``, once it is known to obey the value limit (merged data grows)."""
+    encode(data, "data")
+    return data
+
+
+def _percent(value: Any) -> float:
+    """A stored progress for the average: a number, or 0 (JavaScript's null)."""
+    number = _number(value)
+    return 0.0 if number is None else float(number)
 
 
 def _decoded(raw: bytes | None) -> dict[str, Any] | None:

@@ -12,7 +12,9 @@ read-modify-write of its own:
 - ``swap_workflow``: compare-and-set of a workflow state together with its
   membership in the active set and the finished index;
 - ``workflow_snapshot``: every active state (and recently finished ones) in one
-  round trip.
+  round trip;
+- ``cache_fill`` / ``cache_lookup``: a cached value with the metadata bound to
+  it (they expire in the same millisecond).
 
 Values are bytes (the domain stores JSON), TTLs integer milliseconds.
 """
@@ -32,6 +34,8 @@ __all__ = [
     "WorkflowSnapshot",
     "WorkflowSwap",
     "WrongType",
+    "recorded_token",
+    "token_record",
 ]
 
 #: How many events an execution's history keeps, and the all-executions one.
@@ -49,6 +53,26 @@ NOT_OWNER = "not_owner"
 
 class WrongType(InternalError):
     """A key holds a different kind of value than the operation expects."""
+
+
+def token_record(token: int, holder: bytes) -> bytes:
+    """The token key's value: the token and the holder it was given to.
+
+    The record is the holding's while it also expires with its lock, at the
+    same millisecond (the scripts' ``_HELD_TOKEN``; DESIGN 3.2).
+    """
+    return b"%d:%s" % (token, holder)
+
+
+def recorded_token(record: bytes | None, holder: bytes) -> int | None:
+    """The token ``record`` gives ``holder``; None when it names someone else,
+    or nobody (absent, or an old plain-integer value)."""
+    if record is None:
+        return None
+    token, sep, named = record.partition(b":")
+    if not sep or named != holder or not token.isdigit():
+        return None
+    return int(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +143,11 @@ class Store(Protocol):
         self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
     ) -> LockOutcome: ...
 
-    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
-        """``released``, ``not_found`` or ``not_owner``."""
+    async def lock_release(
+        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
+    ) -> str:
+        """``released``, ``not_found`` or ``not_owner``; with ``token``, only the
+        holding that token was given to counts as ``owner``'s."""
         ...
 
     async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
@@ -146,6 +173,19 @@ class Store(Protocol):
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         """Delete ``key`` only if it still holds ``value`` (an owner-checked release)."""
+        ...
+
+    async def cache_fill(
+        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
+    ) -> None:
+        """Cache ``value`` for ``ttl_ms`` and, at once, its stale-while-revalidate
+        metadata, expiring in the same millisecond (None: delete any)."""
+        ...
+
+    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+        """A cached value and its metadata, the latter only while it is that
+        value's: expiring with it (a write of the value by any other path
+        gives the value another expiry)."""
         ...
 
     async def publish(self, channel: str, message: bytes) -> None:

@@ -65,6 +65,7 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from clientlib.errors import Unavailable
 
+from ..domain.values import MAX_SAFE_INTEGER
 from ..keys import KeySpace
 from ..metrics import Metrics
 from .base import LockOutcome, Store, WorkflowSnapshot, WorkflowSwap
@@ -411,6 +412,40 @@ class FailoverStore:
             self._mirror(lambda: self._memory.mirror_expire(key, ttl_ms), key)
         return existed
 
+    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+        return await self._read(lambda store: store.cache_lookup(keys, key))
+
+    async def cache_fill(
+        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
+    ) -> None:
+        """Both keys are plain keys to the journal. Written back one by one after
+        an outage, they get expiries of their own in Redis, so the metadata no
+        longer counts there: the value stays fresh until it expires."""
+        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        tried_redis = False
+
+        async def routed(store: Store) -> None:
+            nonlocal tried_redis
+            if store is not self._memory:
+                tried_redis = True
+                return await store.cache_fill(keys, key, value, ttl_ms, meta)
+            # No checkpoint from here to the notes: nothing else runs between.
+            seen = [await self._memory.get(value_key), await self._memory.get(meta_key)]
+            await store.cache_fill(keys, key, value, ttl_ms, meta)
+            for name, base, ours in ((value_key, seen[0], value), (meta_key, seen[1], meta)):
+                self._journal.note("key", name, base)
+                if tried_redis:
+                    self._journal.also_seen("key", name, ours)
+            return None
+
+        _, by_redis = await self._write(routed)
+        if by_redis:
+            self._mirror(
+                lambda: self._memory.mirror_cache_fill(keys, key, value, ttl_ms, meta),
+                value_key,
+                meta_key,
+            )
+
     async def _write_plain(
         self,
         key: str,
@@ -469,9 +504,11 @@ class FailoverStore:
             self._journal.note("fencing", keys.fencing)
         return outcome
 
-    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+    async def lock_release(
+        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
+    ) -> str:
         status, by_redis = await self._write(
-            lambda store: store.lock_release(keys, execution_id, owner)
+            lambda store: store.lock_release(keys, execution_id, owner, token)
         )
         if status != "not_owner":
             lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
@@ -495,12 +532,12 @@ class FailoverStore:
         if status == "extended":
             if by_redis:
                 lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
-
-                def copy() -> None:
-                    self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms)
-                    self._memory.mirror_expire(token_key, ttl_ms)
-
-                self._mirror(copy, lock_key, token_key)
+                # The token goes on with the lock if memory knows it for this holding.
+                self._mirror(
+                    lambda: self._memory.mirror_lock(keys, execution_id, owner, None, ttl_ms),
+                    lock_key,
+                    token_key,
+                )
             else:
                 self._note_lock(execution_id, owner)
         return status
@@ -755,7 +792,9 @@ class FailoverStore:
             if holder is None:
                 status = await redis.lock_release(keys, name, self._journal.owner(name))
                 return ("deleted" if status == "released" else "kept"), _nothing
-            token = int(await memory.get(token_key) or b"0")
+            # 0: memory knows no token of this holding; Redis's next acquire
+            # gives one.
+            token = memory.held_token(keys, name) or 0
             outcome = await redis.restore_lock(
                 keys, name, holder.decode(), ttl if ttl is not None else 1, token
             )
@@ -768,16 +807,15 @@ class FailoverStore:
         raw, ttl = await memory.get_with_ttl(state_key)
         if raw is None:
             return await redis.retire_workflow(keys, name), _nothing
-        state = json.loads(raw)
-        finished = state.get("status") in ("completed", "failed", "cancelled")
+        finished, updated_at, completed_at = _state_times(raw)
         restored = await redis.restore_workflow(
             keys,
             name,
             raw,
             ttl,
-            int(state.get("updatedAt") or 0),
+            updated_at,
             active=name in await memory.members(keys.active),
-            finished_at=state.get("completedAt") if finished else None,
+            finished_at=completed_at if finished else None,
             finished=finished,
         )
 
@@ -802,4 +840,26 @@ class FailoverStore:
 
 
 def _nothing(settled: bool) -> None:
+    return None
+
+
+def _state_times(raw: bytes) -> tuple[bool, int, int | None]:
+    """Whether a stored workflow state is finished, its updatedAt (0 if it has
+    none), and its completedAt; read whatever shape the state has (the seed's
+    app may have written it, DESIGN 3.1), never raising."""
+    try:
+        state = json.loads(raw)
+    except (ValueError, RecursionError):
+        state = None
+    if not isinstance(state, dict):
+        return False, 0, None
+    status = state.get("status")
+    finished = isinstance(status, str) and status in ("completed", "failed", "cancelled")
+    return finished, _time(state.get("updatedAt")) or 0, _time(state.get("completedAt"))
+
+
+def _time(value: Any) -> int | None:
+    """A stored time in ms: a number within JavaScript's safe integers, else None."""
+    if type(value) in (int, float) and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return int(value)
     return None

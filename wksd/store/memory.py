@@ -77,6 +77,8 @@ from .base import (
     WorkflowSnapshot,
     WorkflowSwap,
     WrongType,
+    recorded_token,
+    token_record,
 )
 
 if TYPE_CHECKING:
@@ -196,23 +198,27 @@ class MemoryStore:
                 None,
                 None if deadline is None else deadline - now,
             )
-        token_raw = self._string(token_key, now) if holder is not None else None
+        token = self._held_token(lock_key, token_key, now) if holder is not None else None
         self._reserve((lock_key, token_key, keys.fencing), now)
-        if token_raw is None:
+        if token is None:
             token = self._incr(keys.fencing, now)
-            self._put(token_key, str(token).encode(), now + ttl_ms)
-        else:
-            token = int(token_raw)
-            self._set_deadline(token_key, now + ttl_ms)
         self._put(lock_key, owner.encode(), now + ttl_ms)
+        self._put(token_key, token_record(token, owner.encode()), now + ttl_ms)
         return LockOutcome(True, owner, token, ttl_ms)
 
-    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+    async def lock_release(
+        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
+    ) -> str:
+        now = self._now()
         lock_key = keys.lock(execution_id)
-        status = self._owner_check(lock_key, owner, self._now())
+        status = self._owner_check(lock_key, owner, now)
+        token_key = keys.lock_token(execution_id)
+        held = self._held_token(lock_key, token_key, now)
+        if status is None and token is not None and held != token:
+            status = NOT_OWNER  # another holding of the same worker
         if status is None:
             self._remove(lock_key)
-            self._remove(keys.lock_token(execution_id))
+            self._remove(token_key)
             return RELEASED
         return status
 
@@ -221,11 +227,25 @@ class MemoryStore:
         lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
         status = self._owner_check(lock_key, owner, now)
         if status is None:
+            held = self._held_token(lock_key, token_key, now) is not None
             self._set_deadline(lock_key, now + ttl_ms)
-            if token_key in self._data:
+            if held:  # the token goes on with its holding, and only with it
                 self._set_deadline(token_key, now + ttl_ms)
             return EXTENDED
         return status
+
+    def held_token(self, keys: KeySpace, execution_id: str) -> int | None:
+        """The fencing token of the lock's current holding, if it has one."""
+        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        return self._held_token(lock_key, token_key, self._now())
+
+    def _held_token(self, lock_key: str, token_key: str, now: int) -> int | None:
+        # As the scripts' _HELD_TOKEN: the record names the holder and expires
+        # with this very lock (the same deadline), else it is another holding's.
+        holder = self._string(lock_key, now)
+        if holder is None or self._deadlines.get(token_key) != self._deadlines.get(lock_key):
+            return None
+        return recorded_token(self._string(token_key, now), holder)
 
     async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
         now = self._now()
@@ -292,6 +312,37 @@ class MemoryStore:
         self._remove(key)
         return True
 
+    async def cache_fill(
+        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
+    ) -> None:
+        now = self._now()
+        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        self._reserve((value_key, meta_key) if meta is not None else (value_key,), now)
+        self._fill(value_key, meta_key, value, now + ttl_ms, meta, clean=False)
+
+    def _fill(
+        self,
+        value_key: str,
+        meta_key: str,
+        value: bytes,
+        deadline: int,
+        meta: bytes | None,
+        clean: bool,
+    ) -> None:
+        self._put(value_key, value, deadline, clean)
+        if meta is None:
+            self._remove(meta_key)
+        else:
+            self._put(meta_key, meta, deadline, clean)  # the same deadline: bound
+
+    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+        now = self._now()
+        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        value, meta = self._string(value_key, now), self._string(meta_key, now)
+        if value is None or self._deadlines.get(value_key) != self._deadlines.get(meta_key):
+            meta = None  # not this value's: written before the value last was
+        return value, meta
+
     async def publish(self, channel: str, message: bytes) -> None:
         return None  # one daemon, no Redis: nobody else to tell
 
@@ -352,6 +403,18 @@ class MemoryStore:
         else:
             self._remove(key)  # better none than a stale one
 
+    def mirror_cache_fill(
+        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
+    ) -> None:
+        """Copy a cache fill Redis applied, value and metadata with one deadline."""
+        now = self._now()
+        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        if self._room_for((value_key, meta_key), now):
+            self._fill(value_key, meta_key, value, now + ttl_ms, meta, clean=True)
+        else:
+            self._remove(value_key)  # better none than a stale one
+            self._remove(meta_key)
+
     def mirror_delete(self, *keys: str) -> None:
         for key in keys:
             self._remove(key)
@@ -377,15 +440,22 @@ class MemoryStore:
         lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
         self._room_for((lock_key, token_key, keys.fencing), now)  # best effort
         deadline = _deadline(now, ttl_ms)
+        if token is None:
+            # The same holder's lock, extended or seen again: its token (if
+            # this copy knows it) goes on with it. Another holder's lock ends
+            # the record: its token was an earlier holding's.
+            held = self._held_token(lock_key, token_key, now)
+            if self._string(lock_key, now) != holder.encode():
+                self._remove(token_key)
+            elif held is not None and deadline is not None:
+                self._set_deadline(token_key, deadline)
         self._put(lock_key, holder.encode(), deadline, clean=True)
         if token is not None:
-            self._put(token_key, str(token).encode(), deadline, clean=True)
+            self._put(token_key, token_record(token, holder.encode()), deadline, clean=True)
             if token > int(self._string(keys.fencing, now) or b"0"):
                 # Never a clean copy: evicting the counter would let tokens
                 # issued during an outage start again from 1.
                 self._put(keys.fencing, str(token).encode(), None)
-        elif token_key in self._data and deadline is not None:
-            self._set_deadline(token_key, deadline)
 
     def mirror_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> None:
         """Copy a workflow change Redis accepted (whatever this copy held before)."""

@@ -25,6 +25,8 @@ from .base import (
 )
 from .redis_link import RedisLink
 from .scripts import (
+    CACHE_FILL,
+    CACHE_LOOKUP,
     DELETE_IF_EQUAL,
     LOCK_ACQUIRE,
     LOCK_EXTEND,
@@ -120,10 +122,14 @@ class RedisStore:
         )
         return LockOutcome(bool(acquired), _text(holder), token if acquired else None, _ttl(ttl))
 
-    async def lock_release(self, keys: KeySpace, execution_id: str, owner: str) -> str:
+    async def lock_release(
+        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
+    ) -> str:
         return _text(
             await self._run(
-                LOCK_RELEASE, [keys.lock(execution_id), keys.lock_token(execution_id)], [owner]
+                LOCK_RELEASE,
+                [keys.lock(execution_id), keys.lock_token(execution_id)],
+                [owner, "" if token is None else token],
             )
         )
 
@@ -175,6 +181,21 @@ class RedisStore:
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         return bool(await self._run(DELETE_IF_EQUAL, [key], [value]))
+
+    async def cache_fill(
+        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
+    ) -> None:
+        await self._run(
+            CACHE_FILL,
+            [keys.cache(key), keys.cache_meta(key)],
+            [value, ttl_ms, b"" if meta is None else meta],
+        )
+
+    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+        value, meta, bound = await self._run(
+            CACHE_LOOKUP, [keys.cache(key), keys.cache_meta(key)], []
+        )
+        return value, meta if bound else None
 
     async def publish(self, channel: str, message: bytes) -> None:
         await self.link.execute("PUBLISH", channel, message)

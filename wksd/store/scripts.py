@@ -17,6 +17,8 @@ import hashlib
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CACHE_FILL",
+    "CACHE_LOOKUP",
     "DELETE_IF_EQUAL",
     "LOCK_ACQUIRE",
     "LOCK_EXTEND",
@@ -43,54 +45,86 @@ class Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+# The token key records whose holding its token is: "{token}:{worker id}",
+# expiring at the very millisecond its lock does (PEXPIREAT to the lock's
+# PEXPIRETIME). The token is the current holding's only while both still
+# agree: a lock the seed's app deleted and set again (plain DEL, SET NX EX),
+# even for the same worker, has another expiry, and an old plain-integer
+# value names nobody. Either way the next acquire takes a new token.
+# ``held_token(lock key, token key, holder)`` -> that token (a string), or false.
+_HELD_TOKEN = """
+local function held_token(lock_key, token_key, holder)
+  local record = redis.call('GET', token_key)
+  if not record then return false end
+  if redis.call('PEXPIRETIME', token_key) ~= redis.call('PEXPIRETIME', lock_key) then
+    return false
+  end
+  local sep = string.find(record, ':', 1, true)
+  if not sep or string.sub(record, sep + 1) ~= holder then return false end
+  local token = string.sub(record, 1, sep - 1)
+  if not string.match(token, '^%d+$') then return false end
+  return token
+end
+local function bind_token(lock_key, token_key, token, holder)
+  redis.call('SET', token_key, token .. ':' .. holder, 'PXAT', redis.call('PEXPIRETIME', lock_key))
+end
+"""
+
 # KEYS[1] lock key (holds the worker id), KEYS[2] token key, KEYS[3] fencing counter
 # ARGV[1] worker id, ARGV[2] TTL in ms
 # -> {1, worker, token, ttl} when acquired: a free lock (the counter gives a
-#    new token) or one this worker already holds (same token, TTL refreshed);
+#    new token) or one this worker already holds (TTL refreshed; the same
+#    token if it was given to this holding, see _HELD_TOKEN, else a new one);
 #    {0, holder, -1, pttl} when another worker holds it.
 LOCK_ACQUIRE = Script(
     "lock_acquire",
-    """
+    _HELD_TOKEN
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return {0, holder, -1, redis.call('PTTL', KEYS[1])}
 end
 local token = false
-if holder then token = redis.call('GET', KEYS[2]) end
-if token then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-else
-  token = redis.call('INCR', KEYS[3])
-  redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
-end
+if holder then token = held_token(KEYS[1], KEYS[2], holder) end
+if not token then token = string.format('%d', redis.call('INCR', KEYS[3])) end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+bind_token(KEYS[1], KEYS[2], token, ARGV[1])
 return {1, ARGV[1], tonumber(token), tonumber(ARGV[2])}
 """,
 )
 
-# KEYS[1] lock key, KEYS[2] token key; ARGV[1] worker id
+# KEYS[1] lock key, KEYS[2] token key; ARGV[1] worker id, ARGV[2] a fencing
+# token, or '' for any: with one, only the holding that token was given to
+# is released (undoing one grant, never a later holding of the same worker).
 # -> 'released', 'not_found' or 'not_owner'. Only the holder deletes.
 LOCK_RELEASE = Script(
     "lock_release",
-    """
+    _HELD_TOKEN
+    + """
 local holder = redis.call('GET', KEYS[1])
 if not holder then return 'not_found' end
 if holder ~= ARGV[1] then return 'not_owner' end
+if ARGV[2] ~= '' and held_token(KEYS[1], KEYS[2], holder) ~= ARGV[2] then
+  return 'not_owner'
+end
 redis.call('DEL', KEYS[1], KEYS[2])
 return 'released'
 """,
 )
 
 # KEYS[1] lock key, KEYS[2] token key; ARGV[1] worker id, ARGV[2] TTL in ms
-# -> 'extended', 'not_found' or 'not_owner'. Only the holder extends.
+# -> 'extended', 'not_found' or 'not_owner'. Only the holder extends; the
+#    token goes on with the lock only if it is this holding's (_HELD_TOKEN).
 LOCK_EXTEND = Script(
     "lock_extend",
-    """
+    _HELD_TOKEN
+    + """
 local holder = redis.call('GET', KEYS[1])
 if not holder then return 'not_found' end
 if holder ~= ARGV[1] then return 'not_owner' end
+local token = held_token(KEYS[1], KEYS[2], holder)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if token then bind_token(KEYS[1], KEYS[2], token, holder) end
 return 'extended'
 """,
 )
@@ -173,6 +207,12 @@ RESTORE_WORKFLOW = Script(
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, state = pcall(cjson.decode, current)
+  if not ok then
+    -- cjson refuses the escape JSON.stringify writes for a lone surrogate
+    -- ("\\\\ud83d"): read the fields with every surrogate escape replaced.
+    local repaired = string.gsub(current, '\\\\u[dD][89abcdefABCDEF]%x%x', '\\\\ufffd')
+    ok, state = pcall(cjson.decode, repaired)
+  end
   if ok and type(state) == 'table' then
     local status = state['status']
     local finished = status == 'completed' or status == 'failed' or status == 'cancelled'
@@ -252,18 +292,24 @@ return {'written'}
 # Reconciliation of a lock taken in memory during an outage.
 # KEYS[1] lock key, KEYS[2] token key, KEYS[3] fencing counter
 # ARGV[1] holder, ARGV[2] TTL left in ms, ARGV[3] the token memory gave it
+#         ('0': none known, the next acquire takes a new one)
 # -> 'written' when Redis had no lock or the same holder (it keeps Redis's
-#    token if it has one); 'conflict' when another worker holds it: theirs stays.
+#    token if that is this holding's, see _HELD_TOKEN); 'conflict' when
+#    another worker holds it: theirs stays.
 RESTORE_LOCK = Script(
     "restore_lock",
-    """
+    _HELD_TOKEN
+    + """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 'conflict' end
+local token = false
+if holder then token = held_token(KEYS[1], KEYS[2], holder) end
+if not token and ARGV[3] ~= '0' then token = ARGV[3] end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if holder and redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if token then
+  bind_token(KEYS[1], KEYS[2], token, ARGV[1])
 else
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+  redis.call('DEL', KEYS[2])
 end
 local counter = tonumber(redis.call('GET', KEYS[3]) or '0')
 if tonumber(ARGV[3]) > counter then redis.call('SET', KEYS[3], ARGV[3]) end
@@ -322,6 +368,43 @@ return 1
 """,
 )
 
+# A cached value and its stale-while-revalidate metadata (wksd.cacheflight).
+# The metadata is the value's while both expire at the same millisecond: it
+# is written with PXAT the value's PEXPIRETIME, never to outlive it, and any
+# other write of the value (the seed's SET EX, cache.set, a fill) gives the
+# value another expiry, so the old metadata no longer counts.
+# KEYS[1] the value's key, KEYS[2] its metadata's
+# ARGV[1] the value, ARGV[2] its TTL in ms, ARGV[3] the metadata, or '' for none
+# -> 1. The value is set, and the metadata set with it or deleted, at once.
+CACHE_FILL = Script(
+    "cache_fill",
+    """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PXAT', redis.call('PEXPIRETIME', KEYS[1]))
+else
+  redis.call('DEL', KEYS[2])
+end
+return 1
+""",
+)
+
+# KEYS[1] the value's key, KEYS[2] its metadata's
+# -> {value or nil, metadata or nil, 1 if the metadata expires with the value
+#    (it is that value's) else 0}
+CACHE_LOOKUP = Script(
+    "cache_lookup",
+    """
+local value = redis.call('GET', KEYS[1])
+local meta = redis.call('GET', KEYS[2])
+local bound = 0
+if value and meta and redis.call('PEXPIRETIME', KEYS[1]) == redis.call('PEXPIRETIME', KEYS[2]) then
+  bound = 1
+end
+return {value, meta, bound}
+""",
+)
+
 SCRIPTS = (
     LOCK_ACQUIRE,
     LOCK_RELEASE,
@@ -334,4 +417,6 @@ SCRIPTS = (
     RAISE_COUNTER,
     DELETE_IF_EQUAL,
     RECORD_EVENT,
+    CACHE_FILL,
+    CACHE_LOOKUP,
 )
