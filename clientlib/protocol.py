@@ -22,6 +22,7 @@ msgpack unpacker consumes it piece by piece.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -42,6 +43,7 @@ __all__ = [
     "encode_notification",
     "encode_request",
     "encode_response",
+    "is_binary_start",
 ]
 
 REQUEST: Final = 0
@@ -189,9 +191,15 @@ class Decoder:
                 unpacker.feed(piece)
                 self._fed += len(piece)
                 continue
+            except TypeError as exc:
+                # An array or map as a map key: unhashable in Python. The
+                # unpacker has then consumed part of the message, so the
+                # stream is out of step and cannot be trusted again.
+                raise self._fail(f"unsupported map key: {str(exc)[:200]}") from exc
             except (ValueError, msgpack.UnpackException) as exc:
-                # FormatError, StackError (too deeply nested), bad UTF-8, a
-                # length header over the limit: all subclasses of ValueError.
+                # FormatError, StackError (nested deeper than msgpack's 1024
+                # levels), bad UTF-8, a length header over the limit: all
+                # subclasses of ValueError.
                 raise self._fail(
                     f"undecodable msgpack: {str(exc)[:200] or type(exc).__name__}"
                 ) from exc
@@ -204,13 +212,42 @@ class Decoder:
         return self._error
 
 
+def is_binary_start(first_byte: int) -> bool:
+    """True when a connection's first byte is a msgpack array header, which
+    every msgpack-RPC message starts with (fixarray, array 16, array 32)."""
+    return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
+
+
+def _pack(message: list[Any]) -> bytes:
+    """msgpack bytes of ``message``; a string UTF-8 cannot hold (a lone
+    surrogate, as the seed's ``JSON.stringify`` may have stored one) is sent
+    with U+FFFD in place of each surrogate, never dropping the message."""
+    try:
+        return msgpack.packb(message)  # type: ignore[no-any-return]
+    except UnicodeEncodeError:
+        return msgpack.packb(_replace_surrogates(message))  # type: ignore[no-any-return]
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list | tuple):
+        return [_replace_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def encode_request(msgid: int, method: str, params: list[Any] | tuple[Any, ...]) -> bytes:
     return msgpack.packb([REQUEST, msgid, method, list(params)])  # type: ignore[no-any-return]
 
 
 def encode_response(msgid: int | None, error: Any, result: Any) -> bytes:
-    return msgpack.packb([RESPONSE, msgid, error, result])  # type: ignore[no-any-return]
+    return _pack([RESPONSE, msgid, error, result])
 
 
 def encode_notification(method: str, params: list[Any]) -> bytes:
-    return msgpack.packb([NOTIFICATION, method, params])  # type: ignore[no-any-return]
+    return _pack([NOTIFICATION, method, params])

@@ -18,6 +18,7 @@ from clientlib.protocol import (
     encode_notification,
     encode_request,
     encode_response,
+    is_binary_start,
 )
 
 LIMIT = 4096
@@ -214,3 +215,34 @@ def test_decoder_refuses_a_useless_limit() -> None:
     """A limit too small for any message is a programming error, caught at once."""
     with pytest.raises(ValueError):
         Decoder(8)
+
+
+@FEEDS
+@pytest.mark.parametrize(
+    "key",
+    [b"\x91\x01", b"\x81\xa1a\x01"],
+    ids=["array-key", "map-key"],
+)
+def test_an_unhashable_map_key_is_a_protocol_error(feed: Any, key: bytes) -> None:
+    """A map keyed by an array or map raises ProtocolError (never a TypeError),
+    whole or byte by byte, and the decoder stays broken."""
+    wire = encode_request(1, "ping", []) + b"\x94\x00\x02\xa4ping\x91\x81" + key + b"\x02"
+    with pytest.raises(ProtocolError, match="unsupported map key"):
+        feed(wire)
+
+
+def test_lone_surrogates_are_sent_as_replacement_characters() -> None:
+    """A string UTF-8 cannot hold goes out with U+FFFD per surrogate, keys included."""
+    wire = encode_response(3, None, {"a\udc00": ["x\ud83dy", 1]})
+    assert feed_whole(wire) == [Response(3, None, {"a\ufffd": ["x\ufffdy", 1]})]
+    note = encode_notification("workflow.event", ["\ud83d"])
+    assert feed_whole(note) == [Notification("workflow.event", ["\ufffd"])]
+
+
+@pytest.mark.parametrize("first", [*range(0x90, 0xA0), 0xDC, 0xDD])
+def test_every_request_starts_with_an_array_header(first: int) -> None:
+    """is_binary_start accepts the three array headers every msgpack-RPC message begins with."""
+    assert is_binary_start(first)
+    assert (
+        msgpack.packb([0] * {0x90: 0, 0xDC: 16, 0xDD: 65536}.get(first, first - 0x90))[0] == first
+    )

@@ -90,9 +90,10 @@ async def test_bad_envelope_gets_bad_request_and_the_connection_lives(
     assert bad.msgid == 7 and bad.error["code"] == "BAD_REQUEST" and bad.result is None
     await peer.stream.send_all(msgpack.packb({"a": 1}))
     assert (await peer.next()).msgid is None
-    await peer.stream.send_all(msgpack.packb([2, "client.notification", []]))
+    await peer.stream.send_all(msgpack.packb([1, 3, None, "a response"]))
     assert (await peer.next()).error["code"] == "BAD_REQUEST"
-    assert (await peer.call("ping")).result == "PONG"
+    await peer.stream.send_all(msgpack.packb([2, "client.notification", []]))
+    assert (await peer.call("ping")) == Response(1, None, "PONG")  # the notification: no answer
 
 
 @pytest.mark.parametrize("garbage", [b"\xc1\xc1\xc1", b"\x94\x00\x01\xa4pi\xff\xfe\x90"])
@@ -234,7 +235,7 @@ async def test_text_line_over_the_limit_is_refused_and_closed(
     stream = (await connect()).stream
     await stream.send_all(b"cache.set k " + b"x" * 70_000)
     out = await read_to_eof(stream)
-    assert json.loads(out)["error"]["code"] == "BAD_REQUEST"
+    assert json.loads(out)["error"]["code"] == "TOO_LARGE"
 
 
 async def test_peer_outside_the_allow_lists_is_refused(

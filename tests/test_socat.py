@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
+from clientlib import Client
+
+from .polling import wait_until
 from .processes import DaemonProcess, require_binary
 
 
@@ -60,3 +64,27 @@ def test_error_one_liner(daemon_process: DaemonProcess) -> None:
     assert json.loads(out) == {
         "error": {"code": "BAD_REQUEST", "message": "lock.acquire: worker_id is required"}
     }
+
+
+def test_a_wait_from_socat_is_never_granted_after_it_left(daemon_process: DaemonProcess) -> None:
+    """`echo 'lock.acquire R B 30 false 5' | socat ...` leaves 0.5 s after its input ends;
+    the lock released later goes to the next client at once, not to the gone socat."""
+    path = daemon_process.path
+    with Client(path) as holder, Client(path) as third:
+        assert holder.lock_workflow_execution("R", "A")
+        started = time.monotonic()
+        out = one_liner(f"echo 'lock.acquire R B 30 false 5' | socat - UNIX-CONNECT:{path}")
+        print(f"socat left after {time.monotonic() - started:.2f} s, printing {out!r}")
+        assert out == ""  # it left before any answer: the wait was still on
+        assert holder.unlock_workflow_execution("R", "A")
+        wait_until(lambda: third.lock_workflow_execution("R", "C"), 5, "R to be free for C")
+        assert third.is_workflow_locked("R").worker_id == "C"
+
+
+def test_socat_t_waits_for_an_answer_that_waits(daemon_process: DaemonProcess) -> None:
+    """`socat -t 3` stays for the answer of a lock that frees within its wait."""
+    path = daemon_process.path
+    with Client(path) as holder:
+        assert holder.lock_workflow_execution("R", "A", ttl=1)
+        out = one_liner(f"echo 'lock.acquire R B 30 false 5' | socat -t 3 - UNIX-CONNECT:{path}")
+        assert json.loads(out)["acquired"] is True and json.loads(out)["workerId"] == "B"

@@ -327,3 +327,15 @@ def test_tmpfiles_creates_the_credential_file(service: Unit) -> None:
     row = rows[credentials["redis-password"]]
     assert row[0] == "f", "f creates the file if missing and never overwrites it"
     assert row[2] == "0600"
+
+
+def test_fd_limit_leaves_room_for_the_connection_caps(service: Unit) -> None:
+    """LimitNOFILE= covers the default connection cap, the admin reserve, the
+    connections being refused and the daemon's own fds: the daemon cannot raise
+    it itself under SystemCallFilter=~@resources."""
+    from wksd.config import Config
+    from wksd.server import ADMIN_RESERVE, MAX_REFUSING, OWN_FDS
+
+    assert "@resources" in " ".join(words(service, "Service", "SystemCallFilter"))
+    limit = int(only(service, "Service", "LimitNOFILE"))
+    assert limit >= Config().max_connections + ADMIN_RESERVE + MAX_REFUSING + OWN_FDS

@@ -5,8 +5,14 @@ connect to a 0660 socket); this is the second, and the only one that knows
 about admin methods. A peer is allowed when its uid is listed, or its primary
 group or any supplementary group is (SO_PEERGROUPS, Linux 4.13+; else read
 from /proc). An allowed peer that is not an admin gets ``FORBIDDEN`` for the
-admin-only methods; a peer that is not allowed gets ``FORBIDDEN`` for every
-request, so it learns why instead of seeing a closed socket.
+admin-only methods. A peer that is not allowed gets ``FORBIDDEN`` for the
+requests of its first read, so it learns why instead of seeing a closed
+socket, and then the server closes the connection (``wksd.server``,
+``Server._refuse``): a refused peer holds no fd for longer than that.
+
+Admins (WKSD_ADMIN_UIDS: the daemon's uid and root by default) are also the
+peers that may open ``ADMIN_RESERVE`` connections beyond the connection caps,
+so an operator can always ask for ``health``.
 """
 
 from __future__ import annotations

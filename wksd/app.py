@@ -416,7 +416,12 @@ class Daemon:
             socket_gid = _socket_gid(sock)
             policy = AccessPolicy.from_config(config, socket_gid)
             self.server = server = Server(
-                self.dispatcher, policy, self.metrics, max_message_bytes=config.max_message_bytes
+                self.dispatcher,
+                policy,
+                self.metrics,
+                max_message_bytes=config.max_message_bytes,
+                max_connections=config.max_connections,
+                max_connections_per_uid=config.max_connections_per_uid,
             )
             async with trio.open_nursery() as nursery:
                 if self.durable is not None:

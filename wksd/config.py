@@ -238,6 +238,21 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         str(DEFAULT_MAX_MESSAGE_BYTES),
     ),
     Setting(
+        "WKSD_MAX_CONNECTIONS",
+        "max_connections",
+        _int_in(1, 1_000_000),
+        "most client connections open at once; beyond it a connection is refused "
+        "(admin uids get a few more); LimitNOFILE= must leave room for them",
+        "4096",
+    ),
+    Setting(
+        "WKSD_MAX_CONNECTIONS_PER_UID",
+        "max_connections_per_uid",
+        _int_in(1, 1_000_000),
+        "most client connections open at once from one peer uid",
+        "1024",
+    ),
+    Setting(
         "WKSD_WORKFLOW_STALE_AFTER",
         "workflow_stale_after",
         _seconds(1, 365 * 86400),
@@ -345,6 +360,11 @@ class Config:
     sweep_interval: float = 60.0
     memory_max_keys: int = 1_000_000
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: 4096 workers on one host is far beyond a real deployment, and the unit's
+    #: LimitNOFILE=4608 leaves room for it plus the daemon's own fds.
+    max_connections: int = 4096
+    #: A quarter of the total: one runaway uid cannot lock the others out.
+    max_connections_per_uid: int = 1024
     workflow_stale_after: float = 3600.0
     cleanup_interval: float = 300.0
     key_prefix: str = "wks:"

@@ -205,6 +205,38 @@ class Metrics:
             "Connections closed for undecodable input.",
             registry=registry,
         )
+        self.notifications_dropped = Counter(
+            "wksd_client_notifications_dropped_total",
+            "Notifications from clients that were not applied (never answered, DESIGN 2.1), "
+            "by reason: the error code, or WAIT for a call that would have waited.",
+            ["reason"],
+            registry=registry,
+        )
+        self.waits_abandoned = Counter(
+            "wksd_waits_abandoned_total",
+            "Waiting requests cancelled because their peer closed the connection.",
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "wksd_connections_refused_total",
+            "Connections closed after one answer, by reason: total and per_uid (a "
+            "connection cap), forbidden (not on the allow-lists), busy (too many "
+            "being refused already: closed unanswered).",
+            ["reason"],
+            registry=registry,
+        )
+        self.accept_errors = Counter(
+            "wksd_accept_errors_total",
+            "accept() calls that failed for want of fds or memory (EMFILE, ENFILE, "
+            "ENOBUFS, ENOMEM); each is retried.",
+            registry=registry,
+        )
+        self.pushes_dropped = Counter(
+            "wksd_pushes_dropped_total",
+            "Notifications to a client (workflow events) dropped because its backlog was "
+            "full, in count or bytes.",
+            registry=registry,
+        )
         self.backend = Gauge(
             "wksd_backend",
             "1 for the backend serving requests now.",

@@ -22,7 +22,9 @@ caller's work on the bytes just read. So after a wait a pending cancellation
 is raised before the ``recv`` and the bytes stay in the socket. That check
 (``checkpoint_if_cancelled``) costs 0.3 µs on the path that waits anyway,
 where a cancel scope around each wait would cost 5.7 µs. ``accept`` does the
-same: a cancelled accept loop takes no connection it would not serve.
+same: a cancelled accept loop takes no connection it would not serve. Out of
+fds (EMFILE), it leaves the connection in the kernel's backlog and retries
+with a growing pause, and tells its caller, who logs it.
 
 The same shell serves client connections, the listening socket (``accept``)
 and the Redis link (plain TCP or Unix; TLS goes through trio's SSLStream).
@@ -33,11 +35,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+from collections.abc import Callable
 from typing import Final
 
 import trio
 
-__all__ = ["FAIR_SHARE", "SocketIO", "accept"]
+__all__ = ["ACCEPT_RETRY_MAX", "ACCEPT_RETRY_MIN", "FAIR_SHARE", "SocketIO", "accept"]
 
 #: Reads in a row that found data waiting before one yields to other tasks.
 #: A request-response client blocks every read anyway; this bounds a flood.
@@ -46,6 +49,19 @@ FAIR_SHARE: Final = 16
 #: accept() errors that mean "out of a resource, try again shortly" (as trio's
 #: serve_listeners treats them): a full fd table must not end the server.
 _RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+#: accept() errors about the one connection being taken (it was aborted before
+#: we got to it), as trio's SocketListener ignores them: take the next one.
+_GONE_ERRORS: Final = frozenset({errno.ECONNABORTED, errno.EPROTO})
+
+#: First pause before retrying an accept that ran out of fds: a connection
+#: closing frees one within milliseconds on a busy daemon.
+ACCEPT_RETRY_MIN: Final = 0.01
+
+#: Longest pause between retries: a client queued in the backlog is served at
+#: most this late after an fd frees, and an idle full table costs two
+#: accept() calls a second.
+ACCEPT_RETRY_MAX: Final = 0.5
 
 
 class SocketIO:
@@ -111,8 +127,18 @@ class SocketIO:
             self.socket.close()
 
 
-async def accept(listener: socket.socket) -> socket.socket:
-    """The next connection on a non-blocking listening socket."""
+async def accept(
+    listener: socket.socket, on_resource_error: Callable[[OSError], None] | None = None
+) -> socket.socket:
+    """The next connection on a non-blocking listening socket.
+
+    Out of fds or memory (EMFILE, ENFILE, ...), the connection stays queued in
+    the kernel's backlog: ``on_resource_error`` hears of each failure, and the
+    accept is retried after a pause that doubles from ``ACCEPT_RETRY_MIN`` to
+    ``ACCEPT_RETRY_MAX``. So a full fd table costs a few wake-ups a second,
+    never a spin, and once a connection closes the queue moves again.
+    """
+    pause = ACCEPT_RETRY_MIN
     while True:
         try:
             connection, _ = listener.accept()
@@ -120,8 +146,14 @@ async def accept(listener: socket.socket) -> socket.socket:
             await trio.lowlevel.wait_readable(listener)
             await trio.lowlevel.checkpoint_if_cancelled()  # as in receive_some
         except OSError as exc:
+            if exc.errno in _GONE_ERRORS:
+                await trio.lowlevel.checkpoint()  # that one left; take the next
+                continue
             if exc.errno not in _RESOURCE_ERRORS:
                 raise
-            await trio.sleep(0.1)  # out of fds or memory: let connections finish
+            if on_resource_error is not None:
+                on_resource_error(exc)
+            await trio.sleep(pause)  # let connections finish and free their fds
+            pause = min(2 * pause, ACCEPT_RETRY_MAX)
         else:
             return connection
