@@ -584,7 +584,11 @@ async def test_an_outage_cache_fill_goes_back(
     with redis_server.client() as direct:
         assert direct.get("wks:cache:api:k") == b'"v"'
         assert direct.get("wks:cache:meta:k") == b"1 fingerprint"
-        assert 0 < direct.pttl("wks:cache:meta:k") <= direct.pttl("wks:cache:api:k")
+        # Written back one by one, each key keeps what was left of the fill's TTL
+        # (their expiries may differ by the milliseconds between the two writes,
+        # and the metadata then no longer counts: the value is fresh).
+        assert 0 < direct.pttl("wks:cache:meta:k") <= 60_000
+        assert 0 < direct.pttl("wks:cache:api:k") <= 60_000
 
 
 @pytest.mark.parametrize("shape", sorted(ODD_STATES))
