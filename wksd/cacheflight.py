@@ -12,8 +12,10 @@ and nothing is cached for a failure.
 Across daemons, whoever starts a flight also takes a short Redis lease
 (``SET NX PX lease_ttl`` on ``cache:lease:{key}``). A daemon that finds the
 lease taken starts a *remote* flight: nobody here computes, its callers wait
-for the value to appear, woken by the filling daemon's pub/sub message, and
-polling slowly in case it is lost.
+for the value to appear, woken by the filling daemon's pub/sub message; the
+first of them polls slowly in case it is lost and wakes the others, so
+waiting costs Redis one lookup per key, not one per waiter. A connection may
+have ``MAX_LEASE_WAITS_PER_CONNECTION`` waits at once.
 
 A flight ends without a value when its holder's connection closes or its lease
 runs out: its waiters then ask again, and one of them becomes the holder.
@@ -46,7 +48,7 @@ from typing import Any, Final
 import structlog
 import trio
 
-from clientlib.errors import RemoteError
+from clientlib.errors import Full, RemoteError
 
 from .clock import Clock, now_ms
 from .domain.values import decode, encode, ttl_ms
@@ -59,8 +61,16 @@ __all__ = ["CacheFlight"]
 log = structlog.get_logger("wksd.cache")
 
 #: Seconds between looks for a value another daemon is computing, in case its
-#: "filled" message was lost.
+#: "filled" message was lost. Only the first waiter of a flight looks (and
+#: wakes the others), so waiting costs Redis one lookup per key this often,
+#: however many wait.
 REMOTE_POLL: Final = 0.2
+
+#: Waiting ``cache.lease`` calls one connection may have at once: each holds
+#: a task and a place in a flight, so without a bound one client could queue
+#: thousands (the same reasoning, and number, as the lock waits of
+#: ``wksd.locking.MAX_WAITS_PER_CONNECTION``).
+MAX_LEASE_WAITS_PER_CONNECTION: Final = 100
 
 #: Bytes of the value's BLAKE2b digest the metadata holds: enough that two
 #: values of one key never share a fingerprint by chance.
@@ -93,6 +103,7 @@ class CacheFlight:
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
         self._held: dict[int, set[str]] = {}  # session id -> keys it computes
+        self._waits: dict[int, int] = {}  # session id -> its waiting leases now
 
     @property
     def flights(self) -> int:
@@ -106,13 +117,19 @@ class CacheFlight:
     async def lease(
         self, session: Session, key: str, lease_ttl: float, wait: float
     ) -> dict[str, Any] | Later:
+        if wait > 0 and self._waits.get(session.id, 0) >= MAX_LEASE_WAITS_PER_CONNECTION:
+            raise Full(
+                f"this connection already has {MAX_LEASE_WAITS_PER_CONNECTION} cache.lease"
+                " calls waiting (MAX_LEASE_WAITS_PER_CONNECTION); wait for one to end"
+            )
         answer = await self._ask(session, key, lease_ttl)
         if isinstance(answer, dict):
             return answer
         if wait <= 0:
             if answer.flight is not None:
-                answer.flight.waiters.remove(answer)
+                _leave(answer.flight, answer)
             return dict(_TIMEOUT)
+        self._waits[session.id] = self._waits.get(session.id, 0) + 1
         deadline = trio.current_time() + wait
         return Later(partial(self._wait, key, answer, deadline), partial(dict, _TIMEOUT))
 
@@ -210,6 +227,15 @@ class CacheFlight:
 
     async def _wait(self, key: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
         try:
+            return await self._wait_in_flight(key, waiter, deadline)
+        finally:
+            session_id = waiter.session.id
+            self._waits[session_id] -= 1
+            if not self._waits[session_id]:
+                del self._waits[session_id]
+
+    async def _wait_in_flight(self, key: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+        try:
             while True:
                 if waiter.outcome is not None:
                     return waiter.outcome
@@ -225,7 +251,8 @@ class CacheFlight:
                 if now >= deadline:
                     return dict(_TIMEOUT)
                 retry_at = min(deadline, flight.expires)
-                if flight.holder is None:
+                looks = flight.holder is None and _first(flight, waiter)
+                if looks:  # another daemon computes; the first waiter looks for it
                     retry_at = min(retry_at, now + REMOTE_POLL)
                 with trio.move_on_at(retry_at):
                     await waiter.wake.wait()
@@ -233,13 +260,13 @@ class CacheFlight:
                 if waiter.outcome is None and self._flights.get(key) is flight:
                     if trio.current_time() >= flight.expires:
                         self._end(key, flight)  # the lease ran out: all ask again
-                    elif flight.holder is None:
+                    elif flight.holder is None and _first(flight, waiter):
                         value, _ = await self._lookup(key)
                         if value is not _MISSING and self._flights.get(key) is flight:
                             self._finish(key, flight, {"status": "hit", "value": value})
         finally:
-            if waiter.flight is not None and waiter in waiter.flight.waiters:
-                waiter.flight.waiters.remove(waiter)
+            if waiter.flight is not None:
+                _leave(waiter.flight, waiter)
 
     def _finish(self, key: str, flight: _Flight, outcome: dict[str, Any]) -> None:
         """The flight is over with an outcome for every waiter."""
@@ -283,6 +310,22 @@ class CacheFlight:
 
 
 _MISSING: Final[Any] = object()
+
+
+def _first(flight: _Flight, waiter: _Waiter) -> bool:
+    return bool(flight.waiters) and flight.waiters[0] is waiter
+
+
+def _leave(flight: _Flight, waiter: _Waiter) -> None:
+    """``waiter`` leaves ``flight``; if it was the one looking for a remote
+    value, the next waiter looks from now on."""
+    waiters = flight.waiters
+    if waiter not in waiters:
+        return
+    first = waiters[0] is waiter
+    waiters.remove(waiter)
+    if first and waiters:
+        waiters[0].wake.set()
 
 
 def _fingerprint(raw: bytes) -> bytes:
