@@ -343,3 +343,28 @@ def test_units_install_path_matches_the_readme() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "ExecStart=/opt/wksd/venv/bin/wksd" in unit
     assert "/opt/wksd/venv" in readme
+
+
+def test_the_metrics_port_serves_a_bounded_number_of_connections(sock_path: str) -> None:
+    """Idle connections up to the cap hold their places; one more gets 503 at once, and
+    the port serves again as soon as they close; the socket's clients never notice."""
+    from wksd.http import MAX_CONNECTIONS
+
+    port = free_port()
+    daemon = DaemonProcess(sock_path, {"WKSD_METRICS_ADDR": f"127.0.0.1:{port}"}).start()
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        with Client(sock_path) as c:
+            wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 503, timeout=10)
+            status, body, _ = get(f"http://127.0.0.1:{port}/health")
+            assert status == 503 and body == "too many connections\n"
+            assert c.ping() == "PONG"
+            for sock in idle:
+                sock.close()
+            wait_until(lambda: get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=10)
+    finally:
+        for sock in idle:
+            sock.close()
+        daemon.close()

@@ -5,6 +5,7 @@ Two routes, GET (or HEAD) only: ``/metrics``, the Prometheus exposition, and
 degraded and 503 when it is unhealthy, so a load balancer or a probe can act
 on the status code alone. One request per connection: scrapers and probes
 open a connection per request anyway. h11 parses; this module only routes.
+At most ``MAX_CONNECTIONS`` are served at once; one more gets 503 unread.
 """
 
 from __future__ import annotations
@@ -28,8 +29,20 @@ LISTEN_BACKLOG: Final = 16
 #: Seconds a client has to send its request before the connection is dropped,
 #: so idle connections cannot pile up.
 REQUEST_TIMEOUT: Final = 5.0
+#: Connections served at once. Their fds come out of the daemon's own budget
+#: (``wksd.server.OWN_FDS``), shared with the socket's clients: without a cap,
+#: a flood of idle connections to the port (each held up to REQUEST_TIMEOUT)
+#: could use up the fds the workers' connections need. Beyond it, a
+#: connection gets 503 at once and is closed.
+MAX_CONNECTIONS: Final = 16
 
 _HEALTHY_ENOUGH: Final = frozenset({"healthy", "degraded"})
+
+#: The whole answer to a connection over ``MAX_CONNECTIONS``.
+_BUSY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n"
+)
 
 
 class _Observable(Protocol):
@@ -60,11 +73,32 @@ async def serve_http(
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    await trio.serve_listeners(partial(_handle, daemon), [listener], task_status=task_status)
+    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    await trio.serve_listeners(
+        partial(_handle, daemon, limiter), [listener], task_status=task_status
+    )
 
 
-async def _handle(daemon: _Observable, stream: trio.SocketStream) -> None:
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+async def _handle(
+    daemon: _Observable, limiter: trio.CapacityLimiter, stream: trio.SocketStream
+) -> None:
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        async with stream:
+            with trio.move_on_after(REQUEST_TIMEOUT), contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(_BUSY)  # unread: h11 answers only what it has read
+        return
+    try:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+        await _serve(daemon, connection, stream)
+    finally:
+        limiter.release()
+
+
+async def _serve(
+    daemon: _Observable, connection: h11.Connection, stream: trio.SocketStream
+) -> None:
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
             try:
