@@ -55,7 +55,7 @@ async def test_waiters_of_a_remote_flight_cost_one_lookup_per_poll(
             later = await flights.lease(FakeSession(index), "k", 30, 20)
             assert isinstance(later, Later)
             nursery.start_soon(wait, later)
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
         before = store.lookups
         await trio.sleep(10 * REMOTE_POLL)
         polls = store.lookups - before

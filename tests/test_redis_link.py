@@ -211,6 +211,23 @@ async def test_password_is_sent_and_a_wrong_one_refused(
         server.stop()
 
 
+async def test_a_redis_without_pexpiretime_is_refused_as_too_old(
+    tmp_path_factory: Any, nursery: trio.Nursery
+) -> None:
+    """A Redis older than 7.0 (here a 7 with PEXPIRETIME renamed away) is refused at
+    connect with the reason, not left to fail every lock later; a 7 is not."""
+    from wksd.store.redis_target import TooOld
+
+    server = RedisServer(
+        tmp_path_factory.mktemp("old"), "--rename-command", "PEXPIRETIME", ""
+    ).start()
+    try:
+        with pytest.raises(TooOld, match=r"Redis 7\.0 or later"):
+            await connect(server, nursery)
+    finally:
+        server.stop()
+
+
 async def test_unreachable_redis_is_a_connection_error(nursery: trio.Nursery) -> None:
     """Nothing listening: open_link raises redis-py's ConnectionError naming the target."""
     from .redis_server import free_port

@@ -72,7 +72,7 @@ from .base import LockOutcome, Store, WorkflowSnapshot, WorkflowSwap
 from .memory import MemoryStore
 from .redis import RedisStore
 from .redis_link import LinkDown, RedisLink
-from .redis_target import RedisTarget, WrongRole, open_link
+from .redis_target import RedisTarget, TooOld, WrongRole, open_link
 
 __all__ = ["FailoverStore", "Journal"]
 
@@ -680,7 +680,7 @@ class FailoverStore:
         )
 
     def _failed(self, exc: BaseException, failures: int) -> None:
-        refused = isinstance(exc, (AuthenticationError, WrongRole, ResponseError))
+        refused = isinstance(exc, (AuthenticationError, WrongRole, TooOld, ResponseError))
         self.redis_status = "error" if refused else "down"
         self._metrics.redis_connection_status.set(0)
         if self._redis is not None:  # lost during reconciliation or serving

@@ -26,14 +26,14 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 from redis.connection import parse_url
-from redis.exceptions import AuthenticationError, ConnectionError
+from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 from ..config import Config, ConfigError
 from ..sockio import SocketIO
 from .redis_link import RedisLink
 
-__all__ = ["RedisTarget", "open_link", "open_stream"]
+__all__ = ["RedisTarget", "TooOld", "WrongRole", "open_link", "open_stream"]
 
 #: The name wksd gives its connection (CLIENT SETNAME), so an operator can
 #: count them in CLIENT LIST.
@@ -42,6 +42,17 @@ CLIENT_NAME: Final = "wksd"
 
 class WrongRole(ConnectionError):
     """The node Sentinel named is not (or no longer) the master."""
+
+
+class TooOld(ConnectionError):
+    """The Redis lacks a command wksd needs: it is older than 7.0."""
+
+
+#: A command of Redis 7.0 the lock and cache scripts use (they bind wksd's
+#: own keys to the expiry of the seed's), sent once at connect on a key that
+#: need not exist: a Redis without it is refused at once, with the reason,
+#: instead of failing every lock later.
+VERSION_PROBE: Final = ("PEXPIRETIME", "wksd:version-probe")
 
 
 @dataclass(frozen=True)
@@ -208,9 +219,14 @@ async def open_link(
     if target.db:
         handshake.append(["SELECT", target.db])
     handshake.append(["CLIENT", "SETNAME", CLIENT_NAME])
+    handshake.append(list(VERSION_PROBE))
     if target.sentinels:
         handshake.append(["ROLE"])
     replies = await link.pipeline(handshake)
+    probe = replies[len(handshake) - (2 if target.sentinels else 1)]
+    if isinstance(probe, ResponseError) and "unknown command" in str(probe).lower():
+        link.fail(TooOld("no PEXPIRETIME"))
+        raise TooOld("this Redis has no PEXPIRETIME: wksd needs Redis 7.0 or later")
     for reply in replies:
         if isinstance(reply, Exception):
             link.fail(reply)
