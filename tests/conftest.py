@@ -139,6 +139,15 @@ def sock_path() -> Iterator[str]:
 
 
 @pytest.fixture
+def open_socket_path(sock_path: str) -> str:
+    """A socket whose file mode lets anyone connect, so SO_PEERCRED is the only gate."""
+    if os.getuid() != 0:
+        pytest.skip("running a peer as another uid needs root (setpriv)")
+    os.chmod(os.path.dirname(sock_path), 0o755)
+    return sock_path
+
+
+@pytest.fixture
 def daemon_process(sock_path: str) -> Iterator[DaemonProcess]:
     """The real daemon binary on its memory default, serving on ``sock_path``."""
     daemon = DaemonProcess(sock_path).start()

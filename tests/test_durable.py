@@ -611,7 +611,7 @@ async def test_fsync_always_covers_writes_to_a_journal_compaction_retires(
         assert log._fd != old_fd
         gates[0].set()  # the first commit's fsync ends; the compaction's does not
         await await_until(lambda: "first" in done)
-        await trio.sleep(0.05)  # time for a wrong early return to happen
+        await trio.testing.wait_all_tasks_blocked()  # a wrong early return would be now
         assert "second" not in done
         gates[1].set()
     assert done == ["first", "second"]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,10 +21,17 @@ from wksd.store.redis_target import RedisTarget, open_link
 
 from .conftest import Domain
 from .durability import replayed
+from .polling import await_until
 from .redis_server import RedisServer
 
 LOCK = "wks:lock:execution:e1"
 TOKEN = "wks:lock:token:e1"
+
+
+async def milliseconds_pass(count: int) -> None:
+    """Return once the wall clock, which Redis reads too, shows ``count`` ms more."""
+    start = time.time_ns() // 1_000_000
+    await await_until(lambda: time.time_ns() // 1_000_000 >= start + count, "the clock moves")
 
 
 async def seed_unlock(domain: Domain) -> None:
@@ -34,7 +42,7 @@ async def seed_unlock(domain: Domain) -> None:
 async def seed_lock(domain: Domain, worker: str) -> None:
     """The seed's lock, a plain string with its 300 s TTL, set a moment later."""
     domain.clock.advance(0.002)  # the seed's SET comes after wksd's, by a few ms at least
-    await trio.sleep(0.002)  # Redis's own clock too
+    await milliseconds_pass(2)  # Redis's own clock too
     await domain.store.set(LOCK, worker.encode(), 300_000)
 
 
@@ -117,7 +125,7 @@ async def test_seed_commands_on_redis_never_hand_over_a_token(
         assert direct.get(TOKEN) == b"%d:w1" % tokens[0]
         for worker in ("w2", "w2", "w1"):
             direct.execute_command("DEL", LOCK)
-            await trio.sleep(0.002)
+            await milliseconds_pass(2)
             assert direct.execute_command("SET", LOCK, worker, "EX", 300, "NX")
             result = await redis_locks.acquire("e1", worker, 300)
             assert result["acquired"] and result["workerId"] == worker

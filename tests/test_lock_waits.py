@@ -22,6 +22,7 @@ from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
 from wksd.store.redis_target import RedisTarget
 
+from .polling import await_until
 from .redis_server import RedisServer
 from .test_coordination import FakeSession, TrioClock
 
@@ -49,7 +50,7 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
         Metrics(),
         timeout=5.0,
     )
-    locks = Locks(store, keys, SystemClock())
+    locks = CountingLocks(store, keys, SystemClock())
     service = LockService(locks, store, keys)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
@@ -63,7 +64,8 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
             later = await service.acquire(session, f"e{index}", "waiter", 300, False, 3600)
             assert isinstance(later, Later)
             nursery.start_soon(later.wait)
-        await trio.sleep(1.5)  # every waiter has tried once and is waiting
+        # Every waiter has tried twice (on asking, then as its queue's head) and waits.
+        await await_until(lambda: locks.answered >= 2 * WAITERS, "every waiter's tries")
         assert service.waiting == WAITERS
         before, started = commands_processed(redis_server), time.monotonic()
         await trio.sleep(MEASURED)
@@ -72,6 +74,17 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
         print(f"\n{WAITERS} waiters on {WAITERS} held locks: {rate:.1f} Redis commands/s")
         assert rate < 50
         nursery.cancel_scope.cancel()
+
+
+class CountingLocks(Locks):
+    """Locks that count the tries Redis has answered."""
+
+    answered = 0
+
+    async def attempt(self, *args: Any) -> Any:
+        result = await super().attempt(*args)
+        self.answered += 1
+        return result
 
 
 class CountingStore(MemoryStore):

@@ -205,15 +205,16 @@ async def test_answers_before_a_wait_are_sent_before_it(daemon: Daemon, connect:
 
 
 # -- waits whose peer leaves -------------------------------------------------------------
-async def gone_waiter(connect: Connect, text: bool) -> None:
-    """Ask for R with a 5 s wait, half-close as socat does, then close for good."""
+async def gone_waiter(daemon: Daemon, connect: Connect, text: bool) -> None:
+    """Ask for R with a 5 s wait, half-close as socat does, then close for good
+    once the daemon has queued the wait."""
     peer = await connect()
     if text:
         await peer.stream.send_all(b"lock.acquire R B 30 false 5\n")
     else:
         await peer.request(1, "lock.acquire", "R", "B", 30, False, 5)
     await peer.stream.send_eof()
-    await trio.sleep(0.3)
+    await await_until(lambda: daemon.lock_service.waiting == 1, "the wait is queued")
     await peer.stream.aclose()
 
 
@@ -224,7 +225,7 @@ async def test_a_wait_is_cancelled_when_its_peer_closes(
     """A peer that leaves while its lock.acquire waits is never granted the lock."""
     holder = await connect()
     assert (await holder.call("lock.acquire", "R", "A", 30)).result["acquired"]
-    await gone_waiter(connect, text)
+    await gone_waiter(daemon, connect, text)
     await await_until(lambda: daemon.lock_service.waiting == 0)
     assert (await holder.call("lock.release", "R", "A")).result["released"]
     third = await connect()

@@ -254,15 +254,6 @@ def as_other_user(path: str, lines: str, *setpriv_args: str) -> str:
     return done.stdout
 
 
-@pytest.fixture
-def open_socket_path(sock_path: str) -> str:
-    """A socket whose file mode lets anyone connect, so SO_PEERCRED is the only gate."""
-    if os.getuid() != 0:
-        pytest.skip("running a peer as another uid needs root (setpriv)")
-    os.chmod(os.path.dirname(sock_path), 0o755)
-    return sock_path
-
-
 def test_a_peer_outside_the_allow_lists_is_refused(open_socket_path: str) -> None:
     """A client running as another uid, in no allowed group, gets FORBIDDEN for everything."""
     daemon = DaemonProcess(open_socket_path, {"WKSD_SOCKET_MODE": "0666"}).start()
