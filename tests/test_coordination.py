@@ -1,5 +1,5 @@
 """Coordination beyond the seed, in one daemon: keepalive and waiting locks,
-workflow events, single-flight cache (wksd.locking, wksd.events, wksd.cacheflight)."""
+workflow events, single-flight cache (wksd.coordination: holds, feeds, singleflight)."""
 
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ async def test_stale_values_are_served_while_one_caller_refreshes(
 
 
 class FakeSession:
-    """A connection as LockService sees one: an id, pushes, close callbacks."""
+    """A connection as Holds sees one: an id, pushes, close callbacks."""
 
     def __init__(self, session_id: int) -> None:
         self.id = session_id
@@ -435,15 +435,15 @@ async def test_keepalive_outlives_the_ttl_and_reports_a_lost_lock(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A kept 3 s lock is still held after 30 s; taken behind its back, lock.lost is pushed."""
+    from wksd.coordination.holds import Holds
     from wksd.domain import Locks
     from wksd.keys import KeySpace
-    from wksd.locking import LockService
     from wksd.store.memory import MemoryStore
 
     clock, keys = TrioClock(), KeySpace("wks:")
     store = MemoryStore(clock=clock)
     locks = Locks(store, keys, clock)
-    service = LockService(locks, store, keys)
+    service = Holds(locks, store, keys)
     session = FakeSession(1)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)

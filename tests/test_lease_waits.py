@@ -13,9 +13,9 @@ import trio
 import trio.testing
 
 from clientlib.errors import Full
-from wksd.cacheflight import MAX_LEASE_WAITS_PER_CONNECTION, REMOTE_POLL, CacheFlight
+from wksd.coordination.singleflight import MAX_LEASE_WAITS_PER_CONNECTION, REMOTE_POLL, SingleFlight
 from wksd.keys import KeySpace
-from wksd.methods import Later
+from wksd.session import Later
 from wksd.store.memory import MemoryStore
 
 from .test_coordination import FakeSession, TrioClock
@@ -31,11 +31,11 @@ class CountingStore(MemoryStore):
         return await super().cache_lookup(keys, key)
 
 
-def remote_flight() -> tuple[CountingStore, KeySpace, CacheFlight]:
+def remote_flight() -> tuple[CountingStore, KeySpace, SingleFlight]:
     """A flight service whose key "k" another daemon is computing (its lease is in the store)."""
     clock, keys = TrioClock(), KeySpace("wks:")
     store = CountingStore(clock=clock)
-    return store, keys, CacheFlight(store, keys, clock)
+    return store, keys, SingleFlight(store, keys, clock)
 
 
 async def test_waiters_of_a_remote_flight_cost_one_lookup_per_poll(

@@ -1,5 +1,5 @@
 """Locks across an outage: the keepalive gives a lock up in time and the holder
-is told (wksd.locking, clientlib._held, both clients' execute_with_lock).
+is told (wksd.coordination.holds, clientlib._held, both clients' execute_with_lock).
 
 The daemon's side runs on trio's MockClock over a store whose extensions fail
 or hang on demand; the clients' side goes through a real daemon, the binary
@@ -23,9 +23,9 @@ from clientlib import AsyncClient, Client, LockLost, LockResult, Unavailable
 from wksd.app import Daemon
 from wksd.clock import ManualClock
 from wksd.config import Config
+from wksd.coordination.holds import Holds, retry_interval
 from wksd.domain import Locks
 from wksd.keys import KeySpace
-from wksd.locking import LockService, retry_interval
 from wksd.store.memory import MemoryStore
 
 from .polling import wait_until
@@ -67,7 +67,7 @@ class FlakyStore:
 
 
 class FakeSession:
-    """A connection as LockService sees one; it notes when each push came."""
+    """A connection as Holds sees one; it notes when each push came."""
 
     def __init__(self, session_id: int) -> None:
         self.id = session_id
@@ -82,13 +82,13 @@ class FakeSession:
 
 
 class Kept:
-    """A LockService over a FlakyStore, running in a nursery."""
+    """A Holds over a FlakyStore, running in a nursery."""
 
     def __init__(self, nursery: trio.Nursery) -> None:
         clock, self.keys = TrioClock(), KeySpace("wks:")
         self.store = FlakyStore(MemoryStore(clock=clock))
         self.locks = Locks(self.store, self.keys, clock)  # type: ignore[arg-type]
-        self.service = LockService(self.locks, self.store, self.keys)  # type: ignore[arg-type]
+        self.service = Holds(self.locks, self.store, self.keys)  # type: ignore[arg-type]
         self.nursery = nursery
 
     async def holder(self) -> str | None:
@@ -429,7 +429,7 @@ async def test_kept_locks_are_marked_volatile(autojump_clock: trio.testing.MockC
     clock, keys = TrioClock(), KeySpace("wks:")
     store = MemoryStore(clock=clock)
     marked: list[str] = []
-    service = LockService(Locks(store, keys, clock), store, keys, mark_volatile=marked.append)
+    service = Holds(Locks(store, keys, clock), store, keys, mark_volatile=marked.append)
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         await service.acquire(FakeSession(1), "kept", "w1", 30, True, 0)

@@ -1,5 +1,5 @@
 """Waiting for locks: what it costs Redis, its bound per connection, and that
-a grant never goes to a peer that has gone (wksd.locking)."""
+a grant never goes to a peer that has gone (wksd.coordination.holds)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import trio.testing
 
 from clientlib.errors import Full
 from wksd.clock import SystemClock
+from wksd.coordination.holds import MAX_WAITS_PER_CONNECTION, POLL_BATCH, POLL_INTERVAL, Holds
 from wksd.domain import Locks
 from wksd.keys import KeySpace
-from wksd.locking import MAX_WAITS_PER_CONNECTION, POLL_BATCH, POLL_INTERVAL, LockService
-from wksd.methods import Later
 from wksd.metrics import Metrics
+from wksd.session import Later
 from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
 from wksd.store.redis_target import RedisTarget
@@ -51,7 +51,7 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
         timeout=5.0,
     )
     locks = CountingLocks(store, keys, SystemClock())
-    service = LockService(locks, store, keys)
+    service = Holds(locks, store, keys)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         await store.wait_for_backend("redis")
@@ -105,7 +105,7 @@ async def test_the_poll_wakes_waiters_of_locks_freed_unannounced(
     """Locks DELeted behind the daemon's back (the seed's unlock) are granted at the next poll."""
     clock, keys = TrioClock(), KeySpace("wks:")
     store = CountingStore(clock=clock)
-    service = LockService(Locks(store, keys, clock), store, keys)
+    service = Holds(Locks(store, keys, clock), store, keys)
     count = POLL_BATCH + 5
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
@@ -131,8 +131,8 @@ async def test_the_poll_wakes_waiters_of_locks_freed_unannounced(
 
 
 # -- the bound per connection --------------------------------------------------------------
-class Service(LockService):
-    """The LockService on a memory store, with the lock's status at hand."""
+class Service(Holds):
+    """The Holds on a memory store, with the lock's status at hand."""
 
     def __init__(self, store: MemoryStore, keys: KeySpace, clock: TrioClock) -> None:
         self.locks = Locks(store, keys, clock)

@@ -1,4 +1,4 @@
-"""The method table: params checked and typed at the edge (wksd.methods)."""
+"""The method table: params checked and typed at the edge (wksd.dispatch)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from clientlib.errors import BadRequest, Forbidden, InternalError, UnknownMethod
 from wksd.app import Daemon
 from wksd.clock import ManualClock
 from wksd.config import Config
-from wksd.methods import MAX_ID_BYTES, MAX_SAFE_INTEGER, MAX_TTL_SECONDS, Method, Param, text
+from wksd.dispatch import MAX_ID_BYTES, MAX_SAFE_INTEGER, MAX_TTL_SECONDS, Method, Param, text
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from wksd import server as server_module
 from wksd import sockio
 from wksd.app import Daemon
 from wksd.config import Config, ConfigError, load_config
-from wksd.events import MAX_EVENT_BYTES
+from wksd.coordination.feeds import MAX_EVENT_BYTES
 from wksd.server import (
     ADMIN_RESERVE,
     MAX_PUSH_BACKLOG_BYTES,

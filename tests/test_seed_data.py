@@ -605,7 +605,7 @@ def test_write_back_reads_any_state_shape(shape: str) -> None:
 def test_metadata_counts_only_for_the_bytes_it_was_written_for() -> None:
     """A value rewritten with its expiry kept (SET KEEPTTL) has other bytes: the
     fingerprint no longer matches, and the metadata says nothing of it."""
-    from wksd.cacheflight import _fingerprint, _fresh_until
+    from wksd.coordination.singleflight import _fingerprint, _fresh_until
 
     meta = b"%d %s" % (NOW, _fingerprint(b'"v"'))
     assert _fresh_until(b'"v"', meta) == NOW

@@ -26,15 +26,12 @@ from clientlib.errors import RemoteError
 
 from . import __version__
 from .access import AccessPolicy
-from .cacheflight import CacheFlight
 from .clock import Clock, SystemClock
 from .config import Config
-from .domain import Documents, Locks, Workflows
-from .events import MAX_HISTORY, EventHub
-from .http import bind_http, serve_http
-from .keys import KeySpace
-from .locking import LockService
-from .methods import (
+from .coordination.feeds import MAX_HISTORY, Feeds
+from .coordination.holds import Holds
+from .coordination.singleflight import SingleFlight
+from .dispatch import (
     MAX_TTL_SECONDS,
     Dispatcher,
     Method,
@@ -50,6 +47,9 @@ from .methods import (
     text,
     ttl,
 )
+from .domain import Documents, Locks, Workflows
+from .http import bind_http, serve_http
+from .keys import KeySpace
 from .metrics import Metrics
 from .server import Server, bind_unix_socket
 from .store.base import Store
@@ -131,14 +131,14 @@ class Daemon:
         self.locks = Locks(self.store, keys, self.clock)
         # Coordination beyond the seed (docs/protocol-extensions.md).
         self.origin = secrets.token_hex(6)  # tells this daemon's pub/sub messages apart
-        self.lock_service = LockService(
+        self.lock_service = Holds(
             self.locks, self.store, keys, mark_volatile=self.memory.mark_volatile
         )
-        self.events = EventHub(
+        self.events = Feeds(
             self.store, keys, origin=self.origin, retain_ms=self.workflows.running_ttl_ms
         )
         self.workflows.on_change = self.events.emit
-        self.cache_flight = CacheFlight(self.store, keys, self.clock)
+        self.cache_flight = SingleFlight(self.store, keys, self.clock)
         self.metrics.observe_coordination(self)
         self.subscriber = (
             None

@@ -102,8 +102,9 @@ from clientlib.textmode import (
 )
 
 from .access import AccessPolicy, Peer, peer_credentials
-from .methods import Dispatcher, Later
+from .dispatch import Dispatcher
 from .metrics import Metrics
+from .session import Later
 from .sockio import SocketIO, accept
 
 __all__ = ["READ_CHUNK", "Server", "bind_unix_socket"]
@@ -127,7 +128,7 @@ LISTEN_BACKLOG: Final = 1024
 #: are dropped (and counted, and the count sent when it catches up).
 MAX_PUSH_BACKLOG: Final = 1000
 
-#: ... and their bytes: an event may be 64 KiB (``wksd.events.MAX_EVENT_BYTES``),
+#: ... and their bytes: an event may be 64 KiB (``wksd.coordination.feeds.MAX_EVENT_BYTES``),
 #: so a count alone let one subscriber that never reads pin 64 MB. 256 KiB is
 #: four of the largest events or hundreds of typical ones, on top of what the
 #: socket itself buffers (about 200 KiB on Linux); a reader that is merely slow
@@ -344,7 +345,7 @@ class _Connection:
                 self._sent.set()
                 self._sent = None
 
-    # -- the Session interface (wksd.methods.Session) ------------------------
+    # -- the Session interface (wksd.dispatch.Session) ------------------------
     def push(self, method: str, params: list[Any]) -> None:
         if self._push_closed or (not self._pusher and (self.tasks is None or self.ended)):
             return

@@ -94,7 +94,7 @@ SWEEP_SLICE: Final = 1000
 MAX_EVENT_LOGS: Final = 10_000
 #: Bytes each of the two histories (per execution, and all) may hold in
 #: memory; past it the oldest events go. Events are at most 64 KiB each
-#: (wksd.events), so counts alone would allow gigabytes.
+#: (wksd.coordination.feeds), so counts alone would allow gigabytes.
 EVENT_BYTES_BUDGET: Final = 64 * 1024 * 1024
 
 Value = bytes | MutableSet[str] | dict[str, int]

@@ -368,7 +368,7 @@ return 1
 """,
 )
 
-# A cached value and its stale-while-revalidate metadata (wksd.cacheflight).
+# A cached value and its stale-while-revalidate metadata (wksd.coordination.singleflight).
 # The metadata is the value's while both expire at the same millisecond: it
 # is written with PXAT the value's PEXPIRETIME, never to outlive it, and any
 # other write of the value (the seed's SET EX, cache.set, a fill) gives the

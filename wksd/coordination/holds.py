@@ -58,17 +58,17 @@ import trio
 
 from clientlib.errors import Full, RemoteError
 
-from .domain.locks import Locks
-from .keys import KeySpace
-from .methods import Later, Session
-from .store.base import Store
+from ..domain.locks import Locks
+from ..keys import KeySpace
+from ..session import Later, Session
+from ..store.base import Store
 
 __all__ = [
     "EXTEND_RETRY",
     "MAX_WAITS_PER_CONNECTION",
     "POLL_BATCH",
     "POLL_INTERVAL",
-    "LockService",
+    "Holds",
     "retry_interval",
 ]
 
@@ -149,7 +149,7 @@ class _Kept:
         )
 
 
-class LockService:
+class Holds:
     def __init__(
         self,
         locks: Locks,
@@ -378,7 +378,7 @@ class LockService:
             self._sessions[session.id] = set()
             session.on_close(partial(self._session_closed, session.id))
         self._sessions[session.id].add(key)
-        assert self._nursery is not None, "LockService.run is not running"
+        assert self._nursery is not None, "Holds.run is not running"
         self._nursery.start_soon(self._keep_alive, kept)
 
     async def _keep_alive(self, kept: _Kept) -> None:

@@ -50,13 +50,13 @@ import trio
 
 from clientlib.errors import Full, RemoteError
 
-from .clock import Clock, now_ms
-from .domain.values import decode, encode, ttl_ms
-from .keys import KeySpace
-from .methods import Later, Session
-from .store.base import Store
+from ..clock import Clock, now_ms
+from ..domain.values import decode, encode, ttl_ms
+from ..keys import KeySpace
+from ..session import Later, Session
+from ..store.base import Store
 
-__all__ = ["CacheFlight"]
+__all__ = ["SingleFlight"]
 
 log = structlog.get_logger("wksd.cache")
 
@@ -69,7 +69,7 @@ REMOTE_POLL: Final = 0.2
 #: Waiting ``cache.lease`` calls one connection may have at once: each holds
 #: a task and a place in a flight, so without a bound one client could queue
 #: thousands (the same reasoning, and number, as the lock waits of
-#: ``wksd.locking.MAX_WAITS_PER_CONNECTION``).
+#: ``wksd.coordination.holds.MAX_WAITS_PER_CONNECTION``).
 MAX_LEASE_WAITS_PER_CONNECTION: Final = 100
 
 #: Bytes of the value's BLAKE2b digest the metadata holds: enough that two
@@ -96,7 +96,7 @@ class _Waiter:
     wake: trio.Event = field(default_factory=trio.Event)
 
 
-class CacheFlight:
+class SingleFlight:
     def __init__(self, store: Store, keys: KeySpace, clock: Clock) -> None:
         self._store = store
         self._keys = keys

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import structlog
 import trio
@@ -23,10 +23,11 @@ from .access import Peer
 from .domain.values import MAX_SAFE_INTEGER, MAX_TEXT_BYTES
 from .domain.workflows import FINISHED
 from .metrics import Metrics
+from .session import Later, Session
 
-__all__ = ["Dispatcher", "Later", "Method", "Param", "Session"]
+__all__ = ["Dispatcher", "Method", "Param"]
 
-log = structlog.get_logger("wksd.methods")
+log = structlog.get_logger("wksd.dispatch")
 
 #: Identifiers are non-empty strings of at most this many bytes (DESIGN 3).
 MAX_ID_BYTES: Final = 256
@@ -36,46 +37,6 @@ MAX_TTL_SECONDS: Final = 10 * 365 * 86400
 _REQUIRED: Final = object()
 
 Check = Callable[[str, Any], Any]
-
-
-class Session(Protocol):
-    """What a handler may know of the connection a request came on."""
-
-    @property
-    def id(self) -> int: ...
-
-    def push(self, method: str, params: list[Any]) -> None:
-        """Queue a notification to this client; never blocks."""
-        ...
-
-    def on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Run ``callback`` when the connection closes (in the order registered)."""
-        ...
-
-
-class Later:
-    """A handler's answer that is not ready yet: a blocking wait.
-
-    The request has been applied in order (the waiter is queued); the server
-    answers it when ``wait()`` returns, while it goes on with the
-    connection's later requests. If the connection is drained first, it
-    answers ``give_up()`` instead, at once. If the answer cannot be delivered
-    (the peer has gone by the time ``wait()`` returns), the server calls
-    ``revoke(result)`` to undo what the result granted: a lock is never left
-    to a peer that will never hear it has it.
-    """
-
-    __slots__ = ("give_up", "revoke", "wait")
-
-    def __init__(
-        self,
-        wait: Callable[[], Awaitable[Any]],
-        give_up: Callable[[], Any],
-        revoke: Callable[[Any], Awaitable[None]] | None = None,
-    ) -> None:
-        self.wait = wait
-        self.give_up = give_up
-        self.revoke = revoke
 
 
 @dataclass(frozen=True, slots=True)

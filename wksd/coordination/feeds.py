@@ -22,13 +22,13 @@ import structlog
 
 from clientlib.errors import RemoteError
 
-from .keys import KeySpace
-from .methods import Session
-from .store.base import Store
+from ..keys import KeySpace
+from ..session import Session
+from ..store.base import Store
 
-__all__ = ["MAX_HISTORY", "EventHub"]
+__all__ = ["MAX_HISTORY", "Feeds"]
 
-log = structlog.get_logger("wksd.events")
+log = structlog.get_logger("wksd.coordination.feeds")
 
 #: Most events one ``workflow.events`` call returns.
 MAX_HISTORY: Final = 1000
@@ -43,7 +43,7 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-class EventHub:
+class Feeds:
     def __init__(self, store: Store, keys: KeySpace, *, origin: str, retain_ms: int) -> None:
         self._store = store
         self._keys = keys
