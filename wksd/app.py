@@ -90,7 +90,7 @@ class Daemon:
         self.config = config
         self.clock = clock or SystemClock()
         self.keys = keys = KeySpace(config.key_prefix)
-        self.metrics = Metrics()
+        self.metrics = Metrics(redis_enabled=redis is not None or config.redis_enabled)
         if redis is None and config.redis_enabled:
             redis = RedisTarget.from_config(config)
         self.durable = (

@@ -5,6 +5,8 @@ Two routes, GET (or HEAD) only: ``/metrics``, the Prometheus exposition, and
 degraded and 503 when it is unhealthy, so a load balancer or a probe can act
 on the status code alone. One request per connection: scrapers and probes
 open a connection per request anyway. h11 parses; this module only routes.
+Every status line carries its standard reason phrase (``200 OK``), which some
+probes and proxies print or match on.
 At most ``MAX_CONNECTIONS`` are served at once; one more gets 503 unread.
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import socket
 from functools import partial
+from http import HTTPStatus
 from typing import Any, Final, Protocol
 
 import h11
@@ -156,7 +159,8 @@ async def _send(
     ]
     if status == 405:
         headers.append(("Allow", "GET, HEAD"))
-    data = connection.send(h11.Response(status_code=status, headers=headers))
+    reason = HTTPStatus(status).phrase.encode()  # "200 OK", not a bare "200 "
+    data = connection.send(h11.Response(status_code=status, headers=headers, reason=reason))
     if not head:
         data += connection.send(h11.Data(data=body)) or b""
     data += connection.send(h11.EndOfMessage()) or b""

@@ -10,18 +10,29 @@ prometheus-client's Counter and Histogram: those take a lock on every update,
 which costs more than answering a memory hit, and the daemon answers all its
 requests on one thread. A collector turns the dicts into the same families at
 scrape time.
+
+Beside the daemon's own figures the registry holds prometheus-client's
+``process_*`` family (CPU, memory, fds, start time, read from /proc at scrape
+time) and ``wksd_build_info``, so a dashboard can tell restarts and versions
+apart. ``redis_connection_status`` is 0 on the embedded default, where no
+Redis is configured; ``wksd_redis_enabled`` says which case a 0 is, so an
+alert for "Redis down" can leave the embedded default alone.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections.abc import Iterator
+from importlib.metadata import version
 from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Info,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -32,6 +43,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from . import __version__
 
 __all__ = ["Metrics"]
 
@@ -58,9 +71,17 @@ _DURATION_BUCKETS = (
     5.0,
 )
 
+#: wksd_build_info's labels: what an operator asks first when two hosts differ.
+_BUILD = {
+    "version": __version__,
+    "python": platform.python_version(),
+    "redis_py": version("redis"),
+}
+
 
 class _MemoryFigures(Protocol):
     evicted: int
+    max_keys: int
 
     def __len__(self) -> int: ...
 
@@ -72,6 +93,11 @@ class _MemoryCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "wksd_memory_keys", "Keys held by the memory store.", value=len(self._store)
+        )
+        yield GaugeMetricFamily(
+            "wksd_memory_max_keys",
+            "The memory store's bound on keys (WKSD_MEMORY_MAX_KEYS).",
+            value=self._store.max_keys,
         )
         yield CounterMetricFamily(
             "wksd_memory_evictions",
@@ -167,7 +193,9 @@ class RequestStats(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The daemon's registry, and the metrics its parts update."""
+
+    def __init__(self, *, redis_enabled: bool = False) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         # -- the seed's names ------------------------------------------------
         self.redis_commands = Counter(
@@ -184,7 +212,8 @@ class Metrics:
         )
         self.redis_connection_status = Gauge(
             "redis_connection_status",
-            "1 while the Redis link is up, else 0.",
+            "1 while the Redis link is up, else 0; always 0 on the embedded default "
+            "(no Redis configured, the memory store serving), where wksd_redis_enabled is 0.",
             registry=registry,
         )
         # -- wksd's own ----------------------------------------------------------
@@ -272,6 +301,19 @@ class Metrics:
             registry=registry,
         )
         self.redis_connection_status.set(0)
+        # -- the process, and what is running -----------------------------------
+        ProcessCollector(registry=registry)
+        Info(
+            "wksd_build",
+            "Versions of wksd, Python and redis-py in this process (value 1).",
+            registry=registry,
+        ).info(_BUILD)
+        Gauge(
+            "wksd_redis_enabled",
+            "1 when Redis is configured (redis_connection_status then means something), "
+            "0 on the embedded default (the memory store only).",
+            registry=registry,
+        ).set(1 if redis_enabled else 0)
 
     def set_backend(self, name: str) -> None:
         for backend in ("memory", "redis"):
