@@ -1,4 +1,4 @@
-"""wksd: the local state sidecar daemon (see README.md and DESIGN.md)."""
+"""wksd: the local state sidecar daemon (see README.md and docs/design.md)."""
 
 __version__ = "0.1.0"
 
