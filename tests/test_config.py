@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +52,7 @@ def test_empty_state_dir_means_memory_only() -> None:
     """WKSD_STATE_DIR= (or --state-dir '') is a choice, not "unset": nothing on disk."""
     assert load_config([], {"WKSD_STATE_DIR": "", "HOME": "/home/u"}).state_dir == ""
     assert load_config(["--state-dir", ""], {"HOME": "/home/u"}).state_dir == ""
-    assert Config().state_dir == ""  # constructed directly (tests, clientlib.testing)
+    assert Config().state_dir == ""  # constructed directly (tests, wksd.testing)
 
 
 def test_redis_retry_max_is_a_setting() -> None:
@@ -124,7 +126,73 @@ def test_invalid_flag_names_flag_and_variable() -> None:
 
 def test_every_setting_has_a_config_field() -> None:
     """The settings table and the Config dataclass list the same names."""
-    assert {s.attribute for s in SETTINGS} <= set(Config.__dataclass_fields__)
+    assert {s.attribute for s in SETTINGS} == set(Config.__dataclass_fields__)
+
+
+def test_config_defaults_are_the_settings_defaults() -> None:
+    """Each default of the table, parsed, is the Config field's default."""
+    config = Config()
+    for setting in SETTINGS:
+        if setting.default is not None:
+            assert getattr(config, setting.attribute) == setting.parse(setting.default)
+
+
+def test_boolean_flags_work_bare_and_with_a_value() -> None:
+    """--x means true, --x=BOOL and --x BOOL say which, --no-x means false."""
+    assert load_config(["--locks-fail-closed"], {}).locks_fail_closed is True
+    assert load_config(["--locks-fail-closed=false"], {}).locks_fail_closed is False
+    assert load_config(["--locks-fail-closed", "yes"], {}).locks_fail_closed is True
+    enabled = {"WKSD_LOCKS_FAIL_CLOSED": "true"}
+    assert load_config(["--no-locks-fail-closed"], enabled).locks_fail_closed is False
+    assert load_config(["--redis-enabled", "--socket", "/tmp/s"], {}).redis_enabled is True
+    production = {"WKSD_ENV": "production"}
+    assert load_config(["--no-redis-enabled"], production).redis_enabled is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--bogus"], "--bogus"),
+        (["--bogus=x"], "--bogus"),
+        (["serve"], "serve"),
+        (["--socket"], "--socket"),
+        (["--no-locks-fail-closed=1"], "--no-locks-fail-closed"),
+    ],
+)
+def test_command_line_mistakes_are_config_errors(argv: list[str], named: str) -> None:
+    """An unknown flag, a stray word or a missing value raises ConfigError naming it."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(argv, {})
+    assert caught.value.variable == named
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/abc",
+        "redis://localhost:6379/0?db=x",
+        "rediss://localhost/0?ssl_cert_reqs=bogus",
+        "redis://localhost/0?ssl_cert_reqs=none",
+        "redis://localhost/0?socket_timeout=5",
+    ],
+)
+def test_redis_url_is_checked_even_with_redis_off(url: str) -> None:
+    """An unusable REDIS_URL is refused at start, whether or not Redis is enabled yet."""
+    with pytest.raises(ConfigError) as caught:
+        load_config([], {"REDIS_URL": url})
+    assert caught.value.variable == "REDIS_URL"
+
+
+def test_redis_retry_max_caps_the_reconnection_backoff() -> None:
+    """WKSD_REDIS_RETRY_MAX reaches the store's and the subscriber's backoff as their cap."""
+    from wksd.app import Daemon
+
+    config = load_config([], {"REDIS_ENABLED": "1", "WKSD_REDIS_RETRY_MAX": "0.3"})
+    daemon = Daemon(replace(config, state_dir=""))
+    assert daemon.failover is not None and daemon.subscriber is not None
+    for backoff in (daemon.failover._backoff, daemon.subscriber._backoff):
+        waits = [backoff.compute(failures) for failures in range(10, 74)]
+        assert max(waits) <= 0.3 < 5 * max(waits)  # capped there, not at the 5 s default
 
 
 def test_daemon_exits_78_with_one_line_naming_the_variable() -> None:
@@ -151,10 +219,22 @@ def test_help_lists_every_flag_with_its_variable() -> None:
         assert setting.flag in done.stdout and setting.variable in done.stdout
 
 
-def test_readme_documents_every_setting() -> None:
-    """Each variable and flag appears in the README's configuration table."""
-    from pathlib import Path
-
+def readme_settings() -> dict[str, tuple[str, str]]:
+    """The README's configuration table: variable -> (flag, default), as written."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for setting in SETTINGS:
-        assert f"`{setting.variable}`" in readme, setting.variable
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        if line.startswith("| `") and len(cells) == 4:
+            variable, flag, default = cells[0].strip("`"), cells[1].strip("`"), cells[2]
+            assert variable not in rows, f"{variable} twice in the README"
+            rows[variable] = (flag, default)
+    return rows
+
+
+def test_readme_table_is_the_settings_table() -> None:
+    """Each setting is a README row with its flag and default, and each row a setting."""
+    documented = readme_settings()
+    declared = {s.variable: (s.flag, s.documented_default) for s in SETTINGS}
+    assert documented == declared

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from dataclasses import replace
 import pytest
 
 from clientlib import Client, Health, LockStatus, WorkflowState, WorkflowStats
+from clientlib.errors import ConnectionLost, UnknownMethod
+from clientlib.textmode import parse_line
 from wksd import ctl
 from wksd.ctl import (
     CLEAR_SCREEN,
@@ -32,6 +35,9 @@ from wksd.ctl import (
     render_table,
     render_workflows,
     render_workflows_frame,
+    text_argument,
+    text_method,
+    text_result,
     truncate,
 )
 
@@ -282,6 +288,35 @@ def test_parse_arg_follows_the_text_protocol(word: str, value: object) -> None:
     assert parse_arg(word) == value
 
 
+@pytest.mark.parametrize(
+    "word",
+    ["60", "u1", "123abc", '{"a": 1}', '"123"', "two words", "line\nbreak", "", " ", "NaN", "é"],
+)
+def test_text_argument_reads_back_as_the_word(word: str) -> None:
+    """Each word, put on a text line, is read there as that one argument parse_arg reads."""
+    parsed = parse_line(f"{text_method('session.get')} {text_argument(word)}".encode())
+    assert parsed == ("session.get", [parse_arg(word)])
+
+
+@pytest.mark.parametrize("method", ["session.get", "123", "a b", '"quoted"'])
+def test_text_method_is_always_a_name(method: str) -> None:
+    """The method goes as a string, even one that looks like a number or has a space."""
+    parsed = parse_line(text_method(method).encode())
+    assert parsed == (method.lower(), [])
+
+
+def test_text_result_skips_notifications_and_raises_errors() -> None:
+    """The answer line is the first that is not a notification; an error line raises."""
+    notice = b'{"notification":"lock.lost","params":["e1"]}\n'
+    assert text_result("session.get", notice + b'{"a":1}\n') == {"a": 1}
+    with pytest.raises(UnknownMethod, match="no such"):
+        text_result("nope", b'{"error":{"code":"UNKNOWN_METHOD","message":"no such"}}\n')
+    with pytest.raises(ConnectionLost):
+        text_result("ping", b"")
+    exposition = b"# TYPE x counter\nx 1\n"
+    assert text_result("metrics", exposition) == exposition.decode()
+
+
 def test_shared_options_go_before_or_after_the_command() -> None:
     """--socket, --timeout and --json are accepted on either side of the command name."""
     parser = ctl.build_parser()
@@ -414,6 +449,9 @@ def test_workflows_watch_ends_on_ctrl_c(seeded: str) -> None:
         [sys.executable, "-m", "wksd", "ctl", "--socket", seeded, "workflows", "--watch", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # A shell's background job, or CI, may start pytest with SIGINT ignored;
+        # the child would inherit that and never see the Ctrl-C sent below.
+        preexec_fn=default_sigint,
     )
     try:
         assert process.stdout is not None and process.stderr is not None
@@ -428,6 +466,11 @@ def test_workflows_watch_ends_on_ctrl_c(seeded: str) -> None:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, whatever pytest inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_until(fd: int, wanted: bytes, timeout: float = COMMAND_TIMEOUT) -> bytes:
@@ -488,6 +531,45 @@ def test_call_any_method(daemon_process: DaemonProcess) -> None:
     assert run_ctl(path, "call", "cache.set", "k", "two words").returncode == 0
     with Client(path) as client:
         assert client.get_cached_api_response("k") == "two words"
+
+
+def text_session(path: str, line: bytes) -> bytes:
+    """What the daemon answers ``line`` with in a text session (as ``echo line | socat``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(COMMAND_TIMEOUT)
+        sock.connect(path)
+        sock.sendall(line + b"\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_call_reads_a_number_as_an_identifier(daemon_process: DaemonProcess) -> None:
+    """call session.get 123 asks for user "123", exactly as the text line does."""
+    path = daemon_process.path
+    with Client(path) as client:
+        client.set_session("123", {"role": "admin"}, ttl=60)
+    fetched = run_ctl(path, "--json", "call", "session.get", "123")
+    assert fetched.returncode == 0, fetched.stderr
+    assert fetched.stdout.encode() == text_session(path, b"session.get 123")
+    assert json.loads(fetched.stdout) == {"role": "admin"}
+    stored = run_ctl(path, "call", "session.set", "456", '{"b": 2}', "60")
+    assert stored.returncode == 0, stored.stderr
+    with Client(path) as client:
+        assert client.get_session("456") == {"b": 2}
+
+
+def test_call_keeps_each_shell_word_one_argument(daemon_process: DaemonProcess) -> None:
+    """A word with spaces, a line break or quotes in it reaches the daemon as that one string."""
+    path = daemon_process.path
+    words = [("two words", "two words"), ("line\nbreak", "line\nbreak"), ('"12"', "12"), ("", "")]
+    for index, (word, meant) in enumerate(words):
+        result = run_ctl(path, "call", "cache.set", f"k{index}", word)
+        assert result.returncode == 0, result.stderr
+        with Client(path) as client:
+            assert client.get_cached_api_response(f"k{index}") == meant
 
 
 def test_call_metrics_prints_the_exposition(daemon_process: DaemonProcess) -> None:

@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from wksd.config import ConfigError, load_config
-from wksd.store.redis_target import RedisTarget
+from wksd.config import ConfigError, load_config, redis_target
+from wksd.store.redis_target import InvalidTarget, RedisTarget
+
+#: A CA bundle that exists on every Debian host (ca-certificates), for the
+#: options that load one.
+CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 def target(env: dict[str, str], environ: dict[str, str] | None = None) -> RedisTarget:
-    return RedisTarget.from_config(load_config([], env), environ or {})
+    """The target the daemon would connect to with ``env`` set."""
+    return redis_target(load_config([], env), environ or {})
 
 
 def test_host_port_db_variables() -> None:
@@ -46,6 +51,36 @@ def test_rediss_url_makes_a_tls_context() -> None:
     assert loose.tls is not None and loose.tls.verify_mode == ssl.CERT_NONE
 
 
+def test_rediss_url_honours_every_tls_option_of_parse_url(tmp_path: Path) -> None:
+    """Hostname checks, CA path, minimum version, ciphers and verify flags reach the context."""
+    found = target(
+        {
+            "REDIS_URL": "rediss://redis.example:6380/0?ssl_check_hostname=false"
+            f"&ssl_ca_path={tmp_path}&ssl_ca_certs={CA_FILE}"
+            f"&ssl_min_version={ssl.TLSVersion.TLSv1_3.value}"
+            "&ssl_ciphers=ECDHE%2BAESGCM"  # %2B: in a query a + is a space
+            "&ssl_include_verify_flags=VERIFY_X509_STRICT"
+            "&ssl_exclude_verify_flags=VERIFY_X509_TRUSTED_FIRST"
+        }
+    )
+    context = found.tls
+    assert context is not None
+    assert context.check_hostname is False and context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert context.verify_flags & ssl.VerifyFlags.VERIFY_X509_STRICT
+    assert not context.verify_flags & ssl.VerifyFlags.VERIFY_X509_TRUSTED_FIRST  # on by default
+    tls12 = [cipher["name"] for cipher in context.get_ciphers() if cipher["protocol"] == "TLSv1.2"]
+    assert tls12 and all(name.startswith("ECDHE-") and "-GCM-" in name for name in tls12)
+    assert context.cert_store_stats()["x509_ca"] > 0  # ssl_ca_certs loaded
+
+
+def test_ssl_cert_reqs_optional() -> None:
+    """ssl_cert_reqs=optional verifies a certificate when one is shown, without the hostname."""
+    found = target({"REDIS_URL": "rediss://redis.example/0?ssl_cert_reqs=optional"})
+    assert found.tls is not None and found.tls.verify_mode == ssl.CERT_OPTIONAL
+    assert found.tls.check_hostname is False
+
+
 def test_sentinel_url() -> None:
     """redis+sentinel://h:p,h:p/master/db names the Sentinels, the master and the db."""
     found = target({"REDIS_URL": "redis+sentinel://:pw@s1:26379,s2:26380/orders/5"})
@@ -66,13 +101,41 @@ def test_sentinel_variables() -> None:
         ("REDIS_URL", "redis+sentinel://s1:26379"),
         ("REDIS_URL", "redis+sentinel://s1/master"),
         ("REDIS_SENTINELS", "nohost"),
+        ("REDIS_URL", "redis://localhost:6379/abc"),
+        ("REDIS_URL", "redis://localhost:6379/-1"),
+        ("REDIS_URL", "redis://localhost:6379/0?db=zero"),
+        ("REDIS_URL", "redis://localhost:port/0"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_cert_reqs=bogus"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_check_hostname=perhaps"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_min_version=12"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_include_verify_flags=VERIFY_NOTHING"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_ca_certs=/nonexistent/ca.pem"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_ciphers=NO-SUCH-CIPHER"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_validate_ocsp=true"),
+        ("REDIS_URL", "rediss://localhost/0?ssl_cert_req=none"),
+        ("REDIS_URL", "redis://localhost/0?ssl_cert_reqs=none"),
+        ("REDIS_URL", "redis://localhost/0?socket_timeout=5"),
+        ("REDIS_URL", "redis+sentinel://s1:26379/master/abc"),
     ],
 )
 def test_unusable_urls_are_config_errors(variable: str, value: str) -> None:
     """A URL or node list that cannot be used names its variable."""
     with pytest.raises(ConfigError) as caught:
         target({variable: value})
-    assert caught.value.variable in (variable, "REDIS_URL")
+    assert caught.value.variable == variable
+
+
+def test_the_store_side_raises_its_own_error() -> None:
+    """RedisTarget.from_url refuses a bad URL with InvalidTarget, which knows no setting names."""
+    with pytest.raises(InvalidTarget, match="database"):
+        RedisTarget.from_url("redis://localhost:6379/abc")
+    assert RedisTarget.from_url("redis://h:1/2").describe() == "redis://h:1/2"
+
+
+def test_url_fields_it_lacks_keep_the_defaults() -> None:
+    """A URL without a port or database keeps REDIS_PORT and REDIS_DB, as before."""
+    found = target({"REDIS_URL": "redis://cache.local", "REDIS_PORT": "7001", "REDIS_DB": "3"})
+    assert (found.host, found.port, found.db) == ("cache.local", 7001, 3)
 
 
 def test_password_sources_in_order(tmp_path: Path) -> None:

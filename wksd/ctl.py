@@ -8,6 +8,14 @@ holds the raw result exactly as the daemon sent it: ``--json`` prints that
 raw result as one compact JSON line, and otherwise it is turned into
 clientlib's typed value (``Health.from_wire`` ...) and rendered for people.
 
+``call METHOD [ARG ...]`` is the exception: it speaks a text session (as
+``echo 'METHOD ARG ...' | socat``), so its arguments are read by the text
+protocol's own reader and rules in the daemon, the lenient one included
+(a bare ``123`` where an identifier is expected is the id "123"). Each
+shell word stays one argument: a word the text protocol would read as one
+token goes as it is, any other (``'two words'``, a line break) as the JSON
+string of what ``parse_arg`` reads in it.
+
 The rendering is pure functions of their inputs and of an injected ``now``
 (epoch ms), so every table, bar and relative time is unit-tested with fixed
 values; only ``main`` and the command functions touch the socket, the clock
@@ -32,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +48,15 @@ from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
 from clientlib import Client, Health, LockStatus, WorkflowState, WorkflowStats
-from clientlib.errors import DaemonUnavailable, RemoteError, WksError
+from clientlib.errors import (
+    ConnectionLost,
+    DaemonUnavailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    WksError,
+    error_from_wire,
+)
 from clientlib.textmode import parse_line
 
 __all__ = [
@@ -59,6 +76,10 @@ __all__ = [
     "render_table",
     "render_workflows",
     "render_workflows_frame",
+    "text_argument",
+    "text_method",
+    "text_result",
+    "text_session",
     "truncate",
 ]
 
@@ -91,6 +112,10 @@ _UNITS: Final = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: A method-name placeholder that lets ``parse_line`` read a lone argument.
 _PLACEHOLDER_METHOD: Final = "_"
+#: What ends a text line: a word holding one goes as a JSON string.
+_LINE_BREAKS: Final = frozenset("\r\n")
+#: Bytes asked of the socket per read of a text session's answer.
+_READ_CHUNK: Final = 65536
 
 
 # -- pure formatting ----------------------------------------------------------
@@ -306,6 +331,82 @@ def parse_arg(text: str) -> Any:
     return tokens[0] if len(tokens) == 1 else text
 
 
+def _alone(word: str) -> list[Any]:
+    """The tokens the text protocol reads in ``word`` as a line's only argument."""
+    parsed = parse_line(f"{_PLACEHOLDER_METHOD} {word}".encode(errors="surrogateescape"))
+    return parsed[1] if parsed is not None else []
+
+
+def text_argument(word: str) -> str:
+    """``word`` as one argument of a text line, read back there as ``parse_arg(word)``."""
+    tokens = _alone(word)
+    if len(tokens) == 1 and not _LINE_BREAKS.intersection(word):
+        return word
+    return json.dumps(parse_arg(word))
+
+
+def text_method(method: str) -> str:
+    """The method name as the first token of a text line: a string, however it looks."""
+    if _alone(method) == [method] and not _LINE_BREAKS.intersection(method):
+        return method
+    return json.dumps(method)
+
+
+def text_session(path: str, timeout: float, line: bytes) -> bytes:
+    """Send one request line in a text session; all the daemon answers, to its end.
+
+    The write side is shut after the line, as socat does at the end of its
+    input: the daemon answers every line (waiting ones included), then closes.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise DaemonUnavailable(
+                f"cannot connect to wksd at {path}: {exc.strerror or exc}"
+            ) from exc
+        chunks = []
+        try:
+            sock.sendall(line + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(_READ_CHUNK):
+                chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer from wksd within {timeout} s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"connection to wksd broke: {exc}") from exc
+    return b"".join(chunks)
+
+
+def text_result(method: str, answer: bytes) -> Any:
+    """The result in a text session's answer to one request; its error raised.
+
+    Notification lines before it are skipped. As for any text client, a
+    result shaped exactly like an error or a notification line reads as one.
+    """
+    text = answer.decode("utf-8", errors="replace")
+    if method.lower() == "metrics" and text and not text.startswith("{"):
+        return text  # the Prometheus exposition, several lines
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise ProtocolError(
+                f"wksd answered a text line that is not JSON: {line[:80]!r}"
+            ) from None
+        if _shaped(value, {"notification", "params"}):
+            continue
+        if _shaped(value, {"error"}) and _shaped(value["error"], {"code", "message"}):
+            raise error_from_wire(value["error"])
+        return value
+    raise ConnectionLost("wksd closed the connection before answering")
+
+
+def _shaped(value: Any, keys: set[str]) -> bool:
+    return isinstance(value, dict) and set(value) == keys
+
+
 # -- the commands ---------------------------------------------------------------
 Command = Callable[[Client, argparse.Namespace], int]
 
@@ -395,7 +496,9 @@ def _cmd_lock(client: Client, args: argparse.Namespace) -> int:
 
 
 def _cmd_call(client: Client, args: argparse.Namespace) -> int:
-    raw = client.call(args.method, *(parse_arg(arg) for arg in args.args))
+    line = " ".join([text_method(args.method), *(text_argument(arg) for arg in args.args)])
+    answer = text_session(client.path, args.timeout, line.encode(errors="surrogateescape"))
+    raw = text_result(args.method, answer)
     # As in the text protocol, the Prometheus exposition is printed as itself.
     text = args.method == "metrics" and isinstance(raw, str)
     _show(args, raw, lambda: raw.rstrip("\n") if text else dump_json(raw, pretty=True))
@@ -536,9 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
         "call",
         _cmd_call,
         "call any method and print its result as JSON",
-        "Each ARG is a JSON value where it parses as one, else a bare string, as in\n"
-        "the text protocol: 60 is a number, '{\"a\": 1}' a map, '\"123\"' the string\n"
-        "123, and u1 the string u1. Put -- before an ARG that starts with a dash.\n\n"
+        "The request goes as a text line (as with socat), so each ARG reads as the\n"
+        "text protocol reads it: a JSON value where it parses as one, else a bare\n"
+        "string. 60 is a number, '{\"a\": 1}' a map, u1 the string u1, and a number\n"
+        'where an id is expected is that id (session.get 123 is user "123"). Each\n'
+        "shell word is one ARG, spaces and all. Put -- before an ARG that starts\n"
+        "with a dash.\n\n"
         "example: wksd ctl call workflow.update exec-123 2 'Processing data'",
     )
     call.add_argument("method", metavar="METHOD", help="e.g. session.get, workflow.cleanup")

@@ -1,11 +1,18 @@
 """Where Redis is, how to log in, and how to open a link to it.
 
-``RedisTarget.from_config`` reads the configuration once at start: a
-``redis://``, ``rediss://`` or ``unix://`` URL (parsed by redis-py), or a
-``redis+sentinel://host:port[,host:port]/master[/db]`` URL, or the
-``REDIS_HOST``/``PORT``/``DB`` and ``REDIS_SENTINELS`` variables. The password
-comes from the URL, else ``REDIS_PASSWORD``, else ``REDIS_PASSWORD_FILE``,
-else ``$CREDENTIALS_DIRECTORY/redis-password`` (systemd's LoadCredential).
+A ``RedisTarget`` is plain values: a host and port or a socket path, the
+database, the credentials, a TLS context, the Sentinels. ``from_url`` reads
+one from a ``redis://``, ``rediss://`` or ``unix://`` URL, or from
+``redis+sentinel://[[user]:password@]host:port[,host:port]/master[/db]``;
+what the URL does not say keeps the value of ``defaults``. redis-py's
+``parse_url`` reads the URL first, so whatever it refuses is refused; then
+what it lets through is checked: the database is a whole number, every query
+option is one wksd uses, and the ``ssl_*`` options of a ``rediss://`` URL
+(all that redis-py's ``SSLConnection`` takes from a URL) have usable values
+and go into the TLS context as redis-py would put them. A URL that cannot
+be used raises ``InvalidTarget``. This module knows no setting names:
+wksd.config, which does, reads the passwords from files and credentials
+and turns ``InvalidTarget`` into the ``ConfigError`` naming the setting.
 
 ``open_link`` resolves the address (asking the Sentinels for the master, each
 time, so a failover is followed), connects, and logs in: AUTH, SELECT and
@@ -16,35 +23,47 @@ connections.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import trio
 from redis.connection import parse_url
-from redis.exceptions import AuthenticationError, ConnectionError, ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from ..config import Config, ConfigError
 from ..sockio import SocketIO
 from .redis_link import RedisLink
 
-__all__ = ["RedisTarget", "TooOld", "WrongRole", "open_link", "open_stream"]
+__all__ = [
+    "InvalidTarget",
+    "RedisTarget",
+    "TooOld",
+    "WrongRole",
+    "open_link",
+    "open_stream",
+    "parse_nodes",
+]
 
 #: The name wksd gives its connection (CLIENT SETNAME), so an operator can
 #: count them in CLIENT LIST.
 CLIENT_NAME: Final = "wksd"
 
 
-class WrongRole(ConnectionError):
+class InvalidTarget(ValueError):
+    """A Redis URL or node list that cannot be used; the message says why."""
+
+
+class WrongRole(RedisConnectionError):
     """The node Sentinel named is not (or no longer) the master."""
 
 
-class TooOld(ConnectionError):
+class TooOld(RedisConnectionError):
     """The Redis lacks a command wksd needs: it is older than 7.0."""
 
 
@@ -53,6 +72,43 @@ class TooOld(ConnectionError):
 #: need not exist: a Redis without it is refused at once, with the reason,
 #: instead of failing every lock later.
 VERSION_PROBE: Final = ("PEXPIRETIME", "wksd:version-probe")
+
+#: The query options of a URL that wksd uses besides the ``ssl_*`` ones;
+#: parse_url takes any name, and one wksd would ignore is refused instead.
+_URL_OPTIONS: Final = frozenset({"db", "username", "password"})
+
+#: ssl_cert_reqs, as redis-py's SSLConnection reads it.
+_CERT_REQS: Final = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+
+#: The TLS options redis-py's SSLConnection takes from a ``rediss://`` URL
+#: (its ``ssl_ocsp_context`` and ``ssl_ocsp_expected_cert`` are objects, not
+#: text). The OCSP checks need pyOpenSSL sockets, which trio's SSLStream is
+#: not: they may only be false.
+_TLS_OPTIONS: Final = frozenset(
+    {
+        "ssl_cert_reqs",
+        "ssl_check_hostname",
+        "ssl_ca_certs",
+        "ssl_ca_path",
+        "ssl_ca_data",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_min_version",
+        "ssl_ciphers",
+        "ssl_include_verify_flags",
+        "ssl_exclude_verify_flags",
+        "ssl_validate_ocsp",
+        "ssl_validate_ocsp_stapled",
+    }
+)
+
+_TRUE: Final = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE: Final = frozenset({"0", "false", "f", "no", "n", "off"})
 
 
 @dataclass(frozen=True)
@@ -78,21 +134,13 @@ class RedisTarget:
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
     @classmethod
-    def from_config(cls, config: Config, environ: Mapping[str, str] | None = None) -> RedisTarget:
-        environ = os.environ if environ is None else environ
-        settings: dict[str, Any] = {
-            "host": config.redis_host,
-            "port": config.redis_port,
-            "db": config.redis_db,
-            "master": config.redis_sentinel_master,
-        }
-        if config.redis_sentinels:
-            settings["sentinels"] = _nodes(config.redis_sentinels, "REDIS_SENTINELS")
-        if config.redis_url:
-            settings.update(_from_url(config.redis_url))
-        if settings.get("password") is None:
-            settings["password"] = _password(config, environ)
-        return cls(**settings)
+    def from_url(cls, url: str, defaults: RedisTarget | None = None) -> RedisTarget:
+        """The target a URL names, what it leaves out taken from ``defaults``.
+
+        Raises ``InvalidTarget`` for a URL that cannot be used.
+        """
+        fields = _from_sentinel_url(url) if url.startswith("redis+sentinel://") else _from_url(url)
+        return dataclasses.replace(defaults or cls(), **fields)
 
     async def locate(self, socket_timeout: float) -> tuple[str, int] | str:
         """The address to connect to now: a (host, port) or a socket path."""
@@ -103,7 +151,9 @@ class RedisTarget:
         try:
             host, port = await trio.to_thread.run_sync(self._ask_sentinels, socket_timeout)
         except MasterNotFoundError as exc:
-            raise ConnectionError(f"no Sentinel knows a master {self.master!r}: {exc}") from exc
+            raise RedisConnectionError(
+                f"no Sentinel knows a master {self.master!r}: {exc}"
+            ) from exc
         return str(host), int(port)
 
     def _ask_sentinels(self, socket_timeout: float) -> tuple[str, int]:
@@ -117,31 +167,65 @@ class RedisTarget:
                 node.close()
 
 
-def _nodes(text: str, variable: str) -> tuple[tuple[str, int], ...]:
+def parse_nodes(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port[,host:port...]`` as (host, port) pairs; ``InvalidTarget`` if it is not."""
     nodes = []
     for part in text.split(","):
         host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(variable, f"expected host:port[,host:port...], got {text!r}")
+        if not sep or not host or not _is_number(port) or not 0 < int(port) < 65536:
+            raise InvalidTarget(f"expected host:port[,host:port...], got {text!r}")
         nodes.append((host.strip("[]"), int(port)))
     return tuple(nodes)
 
 
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is ASCII digits only (``str.isdigit`` also takes ``²``)."""
+    return text.isascii() and text.isdigit()
+
+
 def _from_url(url: str) -> dict[str, Any]:
-    if url.startswith("redis+sentinel://"):
-        return _from_sentinel_url(url)
     try:
         parsed = parse_url(url)
     except ValueError as exc:
-        raise ConfigError("REDIS_URL", str(exc)) from None
-    settings: dict[str, Any] = {
+        raise InvalidTarget(str(exc)) from None
+    parts = urlsplit(url)
+    options = {name: values[0] for name, values in parse_qs(parts.query).items()}
+    _check_options(parts.scheme, options)
+    fields: dict[str, Any] = {
         key: parsed[key]
-        for key in ("host", "port", "path", "db", "username", "password")
+        for key in ("host", "port", "path", "username", "password")
         if parsed.get(key) is not None
     }
-    if url.startswith("rediss://"):
-        settings["tls"] = _tls_context(parsed)
-    return settings
+    db = _database(parts, options)
+    if db is not None:
+        fields["db"] = db
+    if parts.scheme == "rediss":
+        fields["tls"] = _tls_context(options)
+    return fields
+
+
+def _check_options(scheme: str, options: Mapping[str, str]) -> None:
+    """Refuse the query options wksd would not use: misspelt, or TLS without rediss://."""
+    for name in options:
+        if name in _TLS_OPTIONS and scheme != "rediss":
+            raise InvalidTarget(f"?{name}= is a TLS option: it needs a rediss:// URL")
+        if name not in _URL_OPTIONS and name not in _TLS_OPTIONS:
+            raise InvalidTarget(
+                f"?{name}= is not an option wksd uses (it takes db, username, password "
+                "and, with rediss://, the ssl_* options of redis-py)"
+            )
+
+
+def _database(parts: SplitResult, options: Mapping[str, str]) -> int | None:
+    """The database of ``?db=``, else of a redis(s):// URL's path; None if neither says."""
+    text = options.get("db")
+    if text is None and parts.scheme != "unix":
+        text = unquote(parts.path).strip("/") or None
+    if text is None:
+        return None
+    if not _is_number(text):
+        raise InvalidTarget(f"the database must be a whole number, 0 or more, got {text!r}")
+    return int(text)
 
 
 def _from_sentinel_url(url: str) -> dict[str, Any]:
@@ -149,54 +233,104 @@ def _from_sentinel_url(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     credentials, _, nodes = parts.netloc.rpartition("@")
     path = [piece for piece in parts.path.split("/") if piece]
-    if not nodes or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ConfigError(
-            "REDIS_URL", "expected redis+sentinel://host:port[,host:port]/master[/db]"
-        )
-    settings: dict[str, Any] = {"sentinels": _nodes(nodes, "REDIS_URL"), "master": path[0]}
+    if not nodes or not path or len(path) > 2 or (len(path) == 2 and not _is_number(path[1])):
+        raise InvalidTarget("expected redis+sentinel://host:port[,host:port]/master[/db]")
+    if parts.query:
+        raise InvalidTarget("a redis+sentinel:// URL takes no ?options")
+    fields: dict[str, Any] = {"sentinels": parse_nodes(nodes), "master": path[0]}
     if len(path) == 2:
-        settings["db"] = int(path[1])
+        fields["db"] = int(path[1])
     if credentials:
         user, _, password = credentials.partition(":")
-        settings["username"] = unquote(user) or None
-        settings["password"] = unquote(password) or None
-    return settings
+        fields["username"] = unquote(user) or None
+        fields["password"] = unquote(password) or None
+    return fields
 
 
-def _tls_context(parsed: Mapping[str, Any]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=parsed.get("ssl_ca_certs"))
-    if parsed.get("ssl_cert_reqs") in ("none", "optional"):
-        context.check_hostname = False
-        context.verify_mode = (
-            ssl.CERT_NONE if parsed["ssl_cert_reqs"] == "none" else ssl.CERT_OPTIONAL
+def _tls_context(options: Mapping[str, str]) -> ssl.SSLContext:
+    """The TLS context of a rediss:// URL's ssl_* options, as redis-py's SSLConnection makes it.
+
+    Two differences, both wksd's from before: CAs named by ``ssl_ca_certs``,
+    ``ssl_ca_path`` or ``ssl_ca_data`` replace the system's instead of
+    joining them, so a private CA is the only one trusted; and
+    ``ssl_cert_reqs=optional`` leaves the host name unchecked unless
+    ``ssl_check_hostname=true`` says otherwise (for a client, optional
+    otherwise means what required does).
+    """
+    for name in ("ssl_validate_ocsp", "ssl_validate_ocsp_stapled"):
+        if _flag(options, name, default=False):
+            raise InvalidTarget(f"?{name}=true: wksd cannot check OCSP (trio's TLS has no hook)")
+    cert_reqs = _cert_reqs(options)
+    check_hostname = _flag(options, "ssl_check_hostname", default=cert_reqs == ssl.CERT_REQUIRED)
+    if check_hostname and cert_reqs == ssl.CERT_NONE:
+        raise InvalidTarget("?ssl_check_hostname=true needs a certificate: not ssl_cert_reqs=none")
+    try:
+        context = ssl.create_default_context(
+            cafile=options.get("ssl_ca_certs"),
+            capath=options.get("ssl_ca_path"),
+            cadata=options.get("ssl_ca_data"),
         )
-    if parsed.get("ssl_certfile"):
-        context.load_cert_chain(parsed["ssl_certfile"], parsed.get("ssl_keyfile"))
+        context.check_hostname = check_hostname
+        context.verify_mode = cert_reqs
+        _load_client_certificate(context, options)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidTarget(f"the TLS files of the URL: {exc}") from None
+    context.verify_flags |= _verify_flags(options, "ssl_include_verify_flags")
+    context.verify_flags &= ~_verify_flags(options, "ssl_exclude_verify_flags")
+    if "ssl_min_version" in options:
+        context.minimum_version = _tls_version(options["ssl_min_version"])
+    if "ssl_ciphers" in options:
+        try:
+            context.set_ciphers(options["ssl_ciphers"])
+        except ssl.SSLError:
+            raise InvalidTarget(f"?ssl_ciphers={options['ssl_ciphers']}: no such cipher") from None
     return context
 
 
-def _password(config: Config, environ: Mapping[str, str]) -> str | None:
-    if config.redis_password:
-        return config.redis_password
-    files = [(config.redis_password_file, "REDIS_PASSWORD_FILE")]
-    if environ.get("CREDENTIALS_DIRECTORY"):
-        files.append(
-            (
-                os.path.join(environ["CREDENTIALS_DIRECTORY"], "redis-password"),
-                "CREDENTIALS_DIRECTORY",
-            )
-        )
-    for path, variable in files:
-        if path is None or (variable == "CREDENTIALS_DIRECTORY" and not os.path.exists(path)):
-            continue
+def _cert_reqs(options: Mapping[str, str]) -> ssl.VerifyMode:
+    text = options.get("ssl_cert_reqs", "required")
+    if text not in _CERT_REQS:
+        raise InvalidTarget(f"?ssl_cert_reqs= takes none, optional or required, got {text!r}")
+    return _CERT_REQS[text]
+
+
+def _flag(options: Mapping[str, str], name: str, *, default: bool) -> bool:
+    text = options.get(name)
+    if text is None:
+        return default
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise InvalidTarget(f"?{name}= takes true or false, got {text!r}")
+
+
+def _load_client_certificate(context: ssl.SSLContext, options: Mapping[str, str]) -> None:
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if certfile is None:
+        if keyfile is not None or "ssl_password" in options:
+            raise InvalidTarget("?ssl_keyfile= and ?ssl_password= need ?ssl_certfile=")
+        return
+    context.load_cert_chain(certfile, keyfile, options.get("ssl_password"))
+
+
+def _verify_flags(options: Mapping[str, str], name: str) -> ssl.VerifyFlags:
+    """``VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN`` (brackets allowed), as redis-py reads it."""
+    flags = ssl.VerifyFlags(0)
+    text = options.get(name, "")
+    for word in filter(None, (part.strip() for part in text.strip("[]").split(","))):
         try:
-            with open(path, encoding="utf-8") as secret:
-                # Empty means none: systemd's LoadCredential needs the file to
-                # exist even for a Redis without a password.
-                return secret.read().rstrip("\r\n") or None
-        except OSError as exc:
-            raise ConfigError(variable, f"cannot read {path}: {exc.strerror}") from None
-    return None
+            flags |= ssl.VerifyFlags[word]
+        except KeyError:
+            raise InvalidTarget(f"?{name}=: no verify flag {word!r} in ssl.VerifyFlags") from None
+    return flags
+
+
+def _tls_version(text: str) -> ssl.TLSVersion:
+    """ssl_min_version as parse_url reads it: a number, an ``ssl.TLSVersion`` value."""
+    try:
+        return ssl.TLSVersion(int(text))
+    except ValueError:
+        known = ", ".join(f"{v.value} ({v.name})" for v in ssl.TLSVersion if v.value > 0)
+        raise InvalidTarget(f"?ssl_min_version= takes one of {known}, got {text!r}") from None
 
 
 async def open_link(
@@ -207,8 +341,9 @@ async def open_link(
     ``command_timeout`` bounds the connection attempt and, afterwards, every
     command on the link (WKSD_REDIS_TIMEOUT).
 
-    Raises redis-py's ``ConnectionError`` (or ``AuthenticationError``, a
-    subclass) when Redis cannot be reached or refuses us.
+    Raises redis-py's ``ConnectionError`` (``RedisConnectionError`` here), or
+    its subclass ``AuthenticationError``, when Redis cannot be reached or
+    refuses us.
     """
     stream = await open_stream(target, command_timeout)
     link = RedisLink(stream, command_timeout, metrics)
@@ -232,7 +367,7 @@ async def open_link(
             link.fail(reply)
             if isinstance(reply, AuthenticationError):  # WRONGPASS, NOAUTH
                 raise AuthenticationError(f"Redis refused our login: {reply}")
-            raise ConnectionError(f"Redis refused the handshake: {reply}")
+            raise RedisConnectionError(f"Redis refused the handshake: {reply}")
     if target.sentinels and replies[-1][0] != b"master":
         link.fail(WrongRole("not the master"))
         raise WrongRole(f"the node Sentinel named is a {replies[-1][0].decode()}, not the master")
@@ -244,7 +379,7 @@ async def open_stream(target: RedisTarget, connect_timeout: float) -> Any:
     with trio.move_on_after(connect_timeout):
         address = await target.locate(connect_timeout)
         return await _open_stream(target, address)
-    raise ConnectionError(f"connecting to {target.describe()} took over {connect_timeout} s")
+    raise RedisConnectionError(f"connecting to {target.describe()} took over {connect_timeout} s")
 
 
 async def _open_stream(target: RedisTarget, address: tuple[str, int] | str) -> Any:
@@ -260,7 +395,7 @@ async def _open_stream(target: RedisTarget, address: tuple[str, int] | str) -> A
                 )
             opened = await trio.open_tcp_stream(host, port)  # TCP_NODELAY set
     except OSError as exc:
-        raise ConnectionError(f"cannot connect to {target.describe()}: {exc}") from exc
+        raise RedisConnectionError(f"cannot connect to {target.describe()}: {exc}") from exc
     # trio opened it (resolving names, trying every address); from here on
     # the link drives the socket itself.
     trio_socket = opened.socket
