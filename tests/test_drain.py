@@ -23,7 +23,8 @@ import trio.testing
 from clientlib import Client, DaemonUnavailable
 from clientlib.protocol import Notification, Response
 from wksd.access import AccessPolicy
-from wksd.dispatch import Dispatcher, Method, Param, anything
+from wksd.dispatch import Dispatcher, Method, Param
+from wksd.methods import anything
 from wksd.metrics import Metrics
 from wksd.server import DRAIN_READ_GRACE, Server, bind_unix_socket
 

@@ -13,7 +13,13 @@ import trio
 import trio.testing
 
 from clientlib.errors import Full
-from wksd.coordination.singleflight import MAX_LEASE_WAITS_PER_CONNECTION, REMOTE_POLL, SingleFlight
+from wksd.coordination.singleflight import (
+    MAX_LEASE_WAITS_PER_CONNECTION,
+    REMOTE_POLL,
+    LeaseAnswer,
+    LeaseStatus,
+    SingleFlight,
+)
 from wksd.keys import KeySpace
 from wksd.session import Later
 from wksd.store.memory import MemoryStore
@@ -26,9 +32,9 @@ class CountingStore(MemoryStore):
 
     lookups = 0
 
-    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+    async def cache_lookup(self, key: str) -> tuple[bytes | None, bytes | None]:
         self.lookups += 1
-        return await super().cache_lookup(keys, key)
+        return await super().cache_lookup(key)
 
 
 def remote_flight() -> tuple[CountingStore, KeySpace, SingleFlight]:
@@ -62,7 +68,7 @@ async def test_waiters_of_a_remote_flight_cost_one_lookup_per_poll(
         print(f"lookups in {10 * REMOTE_POLL:.1f} s with 200 waiters: {polls}")
         assert polls <= 11  # one waiter looks; with one per waiter it would be ~2000
         await store.set(keys.cache("k"), b'{"v":1}', 60_000)  # the other daemon fills it
-    assert answers == [{"status": "hit", "value": {"v": 1}}] * 200
+    assert answers == [LeaseAnswer(LeaseStatus.HIT, {"v": 1})] * 200
 
 
 async def test_the_next_waiter_looks_when_the_first_leaves(
@@ -83,12 +89,12 @@ async def test_the_next_waiter_looks_when_the_first_leaves(
         nursery.start_soon(wait, "short", short)
         nursery.start_soon(wait, "long", long)
         await trio.sleep(2)  # the first has timed out
-        assert answers == {"short": {"status": "timeout"}}
+        assert answers == {"short": LeaseAnswer(LeaseStatus.TIMEOUT)}
         before = store.lookups
         await trio.sleep(10 * REMOTE_POLL)
         assert store.lookups - before >= 5  # the second looks now
         await store.set(keys.cache("k"), b"2", 60_000)
-    assert answers["long"] == {"status": "hit", "value": 2}
+    assert answers["long"] == LeaseAnswer(LeaseStatus.HIT, 2)
 
 
 async def test_lease_waits_beyond_the_bound_are_refused(
@@ -106,8 +112,8 @@ async def test_lease_waits_beyond_the_bound_are_refused(
     with pytest.raises(Full, match="MAX_LEASE_WAITS_PER_CONNECTION"):
         await flights.lease(session, "k0", 30, 5)
     assert flights.waiters == waiting
-    assert (await flights.lease(FakeSession(2), "k0", 30, 0)) == {"status": "timeout"}
+    assert (await flights.lease(FakeSession(2), "k0", 30, 0)) == LeaseAnswer(LeaseStatus.TIMEOUT)
     first = laters[0]
     assert isinstance(first, Later)
-    assert await first.wait() == {"status": "timeout"}  # 5 virtual seconds
+    assert await first.wait() == LeaseAnswer(LeaseStatus.TIMEOUT)  # 5 virtual seconds
     assert isinstance(await flights.lease(session, "k0", 30, 5), Later)

@@ -24,7 +24,7 @@ from wksd.app import Daemon
 from wksd.clock import ManualClock
 from wksd.config import Config
 from wksd.coordination.holds import Holds, retry_interval
-from wksd.domain import Locks
+from wksd.domain import Locks, LockStatus
 from wksd.keys import KeySpace
 from wksd.store.memory import MemoryStore
 
@@ -57,13 +57,13 @@ class FlakyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+    async def lock_extend(self, execution_id: str, owner: str, ttl_ms: int) -> str:
         self.extends.append(trio.current_time())
         if self.hanging:
             await trio.sleep_forever()
         if self.failing:
             raise Unavailable("Redis is unreachable and locks fail closed")
-        return await self.inner.lock_extend(keys, execution_id, owner, ttl_ms)
+        return await self.inner.lock_extend(execution_id, owner, ttl_ms)
 
 
 class FakeSession:
@@ -92,7 +92,7 @@ class Kept:
         self.nursery = nursery
 
     async def holder(self) -> str | None:
-        return (await self.locks.status("e1"))["workerId"]  # type: ignore[no-any-return]
+        return (await self.locks.status("e1")).holder
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ async def test_failing_extensions_give_the_lock_up_before_its_confirmed_expiry(
     declared lost (reason expired) within one retry interval before t=50, never after."""
     session, ttl = FakeSession(1), 30
     start = trio.current_time()
-    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0))["acquired"]
+    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0)).acquired
     await trio.sleep(25)  # extensions at 10 and 20 succeed
     kept.store.failing = True
     confirmed = start + 20 + ttl
@@ -140,7 +140,7 @@ async def test_a_short_outage_costs_no_lock(
 ) -> None:
     """Extensions failing for a few seconds are retried until one succeeds; nobody is told."""
     session, ttl = FakeSession(1), 9
-    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0))["acquired"]
+    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0)).acquired
     await trio.sleep(2)
     kept.store.failing = True
     await trio.sleep(4)  # the extension at 3 and its retries fail
@@ -157,7 +157,7 @@ async def test_an_extension_that_hangs_is_given_up_in_time(
     session, ttl = FakeSession(1), 3
     start = trio.current_time()
     kept.store.hanging = True
-    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0))["acquired"]
+    assert (await kept.service.acquire(session, "e1", "w1", ttl, True, 0)).acquired
     await trio.sleep(2 * ttl)
     assert [(method, params) for _, method, params in session.pushed] == [
         lost("e1", "w1", "expired")
@@ -171,7 +171,7 @@ async def test_a_taken_lock_is_reported_with_its_reason(
 ) -> None:
     """An extension finding another holder pushes lock.lost with reason not_owner."""
     session = FakeSession(1)
-    assert (await kept.service.acquire(session, "e1", "w1", 3, True, 0))["acquired"]
+    assert (await kept.service.acquire(session, "e1", "w1", 3, True, 0)).acquired
     await kept.store.delete(kept.keys.lock("e1"))  # as if it expired, and ...
     await kept.locks.acquire("e1", "thief", 300)  # ... someone else took it
     await trio.sleep(3)
@@ -185,14 +185,14 @@ async def test_a_release_through_another_connection_tells_the_keeper(
 ) -> None:
     """The connection keeping a lock hears (reason released) when another one releases it."""
     keeper, other = FakeSession(1), FakeSession(2)
-    assert (await kept.service.acquire(keeper, "e1", "w1", 30, True, 0))["acquired"]
-    assert (await kept.service.release(other, "e1", "w1"))["released"]
+    assert (await kept.service.acquire(keeper, "e1", "w1", 30, True, 0)).acquired
+    assert await kept.service.release(other, "e1", "w1") == LockStatus.RELEASED
     assert [(method, params) for _, method, params in keeper.pushed] == [
         lost("e1", "w1", "released")
     ]
     assert other.pushed == [] and kept.service.kept == 0
     # Its own release tells it nothing.
-    assert (await kept.service.acquire(keeper, "e2", "w1", 30, True, 0))["acquired"]
+    assert (await kept.service.acquire(keeper, "e2", "w1", 30, True, 0)).acquired
     await kept.service.release(keeper, "e2", "w1")
     assert len(keeper.pushed) == 1
 
@@ -378,7 +378,7 @@ async def failing_daemon(
     """A daemon on memory whose lock extensions answer UNAVAILABLE, as in an outage."""
     daemon = Daemon(Config(socket=sock_path, cleanup_interval=0), clock=ManualClock())
 
-    async def extend(execution_id: str, worker_id: str, ttl: float) -> dict[str, Any]:
+    async def extend(execution_id: str, worker_id: str, ttl: float) -> LockStatus:
         raise Unavailable("Redis is unreachable and locks fail closed")
 
     monkeypatch.setattr(daemon.locks, "extend", extend)
@@ -404,7 +404,7 @@ async def test_async_client_hears_of_a_lock_the_outage_took(
                     await told.wait()
                 assert trio.current_time() - took < SHORT_TTL
         assert raised.value.reason == "expired"
-    assert failing_daemon.lock_service.kept == 0
+    assert failing_daemon.holds.kept == 0
 
 
 async def test_sync_client_hears_of_a_lock_the_outage_took(

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from wksd.clock import ManualClock
-from wksd.domain import Locks
+from wksd.domain import Locks, LockStatus
 from wksd.keys import KeySpace
 from wksd.store.durable import DurableLog
 from wksd.store.memory import MemoryStore
@@ -48,9 +48,9 @@ async def seed_lock(domain: Domain, worker: str) -> None:
 
 async def token(domain: Domain, worker: str) -> int:
     result = await domain.locks.acquire("e1", worker, 300)
-    assert result["acquired"], result
-    assert isinstance(result["fencingToken"], int)
-    return result["fencingToken"]
+    assert result.acquired, result
+    assert isinstance(result.token, int)
+    return result.token
 
 
 # -- on every backend --------------------------------------------------------------------
@@ -76,7 +76,7 @@ async def test_a_retry_by_the_holder_keeps_its_token_through_extends(domain: Dom
     """Acquire, extend, acquire again: one holding, one token."""
     first = await token(domain, "w1")
     domain.clock.advance(1)
-    assert (await domain.locks.extend("e1", "w1", 600))["extended"]
+    assert await domain.locks.extend("e1", "w1", 600) == LockStatus.EXTENDED
     assert await token(domain, "w1") == first
 
 
@@ -95,14 +95,8 @@ async def test_release_with_a_token_releases_that_holding_only(domain: Domain) -
     await seed_unlock(domain)
     await seed_lock(domain, "w1")
     second = await token(domain, "w1")
-    assert await domain.locks.release("e1", "w1", first) == {
-        "released": False,
-        "status": "not_owner",
-    }
-    assert await domain.locks.release("e1", "w1", second) == {
-        "released": True,
-        "status": "released",
-    }
+    assert await domain.locks.release("e1", "w1", first) == LockStatus.NOT_OWNER
+    assert await domain.locks.release("e1", "w1", second) == LockStatus.RELEASED
 
 
 # -- the seed's exact commands on a real redis-server ----------------------------------------
@@ -120,7 +114,7 @@ async def test_seed_commands_on_redis_never_hand_over_a_token(
     redis_locks: Locks, shared_redis: RedisServer
 ) -> None:
     """DEL, then SET NX EX by another worker or the same one: each acquire after it is new."""
-    tokens = [(await redis_locks.acquire("e1", "w1", 300))["fencingToken"]]
+    tokens = [(await redis_locks.acquire("e1", "w1", 300)).token]
     with shared_redis.client() as direct:
         assert direct.get(TOKEN) == b"%d:w1" % tokens[0]
         for worker in ("w2", "w2", "w1"):
@@ -128,12 +122,12 @@ async def test_seed_commands_on_redis_never_hand_over_a_token(
             await milliseconds_pass(2)
             assert direct.execute_command("SET", LOCK, worker, "EX", 300, "NX")
             result = await redis_locks.acquire("e1", worker, 300)
-            assert result["acquired"] and result["workerId"] == worker
-            tokens.append(result["fencingToken"])
+            assert result.acquired and result.holder == worker
+            tokens.append(result.token)
         assert direct.get(LOCK) == b"w1"  # still the seed's plain worker id
         assert direct.pexpiretime(TOKEN) == direct.pexpiretime(LOCK)  # the same millisecond
     assert tokens == sorted(set(tokens)), tokens
-    assert (await redis_locks.acquire("e1", "w1", 300))["fencingToken"] == tokens[-1]
+    assert (await redis_locks.acquire("e1", "w1", 300)).token == tokens[-1]
 
 
 async def test_a_restored_lock_keeps_the_token_memory_gave(
@@ -141,44 +135,44 @@ async def test_a_restored_lock_keeps_the_token_memory_gave(
 ) -> None:
     """Write-back of an outage's lock: its token goes with it; none known, a new one next."""
     link = await open_link(RedisTarget(port=shared_redis.port), 5.0, nursery)
-    redis, keys = RedisStore(link), KeySpace("wks:")
+    redis = RedisStore(link, KeySpace("wks:"))
     await redis.load_scripts()
-    assert await redis.restore_lock(keys, "e1", "w1", 300_000, 9) == "written"
-    assert (await redis_locks.acquire("e1", "w1", 300))["fencingToken"] == 9
-    assert await redis.restore_lock(keys, "e1", "w1", 300_000, 4) == "written"
-    assert (await redis_locks.acquire("e1", "w1", 300))["fencingToken"] == 9  # Redis's holding
-    assert await redis.restore_lock(keys, "e1", "w2", 300_000, 11) == "conflict"
+    assert await redis.restore_lock("e1", "w1", 300_000, 9) == "written"
+    assert (await redis_locks.acquire("e1", "w1", 300)).token == 9
+    assert await redis.restore_lock("e1", "w1", 300_000, 4) == "written"
+    assert (await redis_locks.acquire("e1", "w1", 300)).token == 9  # Redis's holding
+    assert await redis.restore_lock("e1", "w2", 300_000, 11) == "conflict"
     await redis_locks.release("e1", "w1")
-    assert await redis.restore_lock(keys, "e2", "w1", 300_000, 0) == "written"
-    assert (await redis_locks.acquire("e2", "w1", 300))["fencingToken"] > 9
+    assert await redis.restore_lock("e2", "w1", 300_000, 0) == "written"
+    assert (await redis_locks.acquire("e2", "w1", 300)).token > 9
 
 
 # -- memory's copies and the durable journal ------------------------------------------------
 def test_memory_copies_carry_the_token_with_its_holding_only() -> None:
     """mirror_lock: the same holder's lock keeps its token, another holder's drops it."""
-    clock, keys = ManualClock(), KeySpace("wks:")
-    memory = MemoryStore(clock=clock)
-    memory.mirror_lock(keys, "e1", "w1", 5, 300_000)
-    assert memory.held_token(keys, "e1") == 5
+    clock = ManualClock()
+    memory = MemoryStore(keys=KeySpace("wks:"), clock=clock)
+    memory.mirror_lock("e1", "w1", 5, 300_000)
+    assert memory.held_token("e1") == 5
     clock.advance(1)
-    memory.mirror_lock(keys, "e1", "w1", None, 300_000)  # an extension Redis confirmed
-    assert memory.held_token(keys, "e1") == 5
-    memory.mirror_lock(keys, "e1", "w2", None, 200_000)  # Redis says w2 holds it now
-    assert memory.held_token(keys, "e1") is None
-    memory.mirror_lock(keys, "e1", "w1", None, 300_000)  # and then w1 again: another holding
-    assert memory.held_token(keys, "e1") is None
+    memory.mirror_lock("e1", "w1", None, 300_000)  # an extension Redis confirmed
+    assert memory.held_token("e1") == 5
+    memory.mirror_lock("e1", "w2", None, 200_000)  # Redis says w2 holds it now
+    assert memory.held_token("e1") is None
+    memory.mirror_lock("e1", "w1", None, 300_000)  # and then w1 again: another holding
+    assert memory.held_token("e1") is None
 
 
 async def test_an_outage_acquire_after_a_copy_keeps_or_renews_the_token() -> None:
     """Memory serving an outage: the copied holder keeps its token, a new one gets a larger one."""
     clock, keys = ManualClock(), KeySpace("wks:")
-    memory = MemoryStore(clock=clock)
+    memory = MemoryStore(keys=keys, clock=clock)
     locks = Locks(memory, keys, clock)
-    memory.mirror_lock(keys, "e1", "w1", 5, 300_000)
-    assert (await locks.acquire("e1", "w1", 300))["fencingToken"] == 5
+    memory.mirror_lock("e1", "w1", 5, 300_000)
+    assert (await locks.acquire("e1", "w1", 300)).token == 5
     await memory.delete(LOCK)
     await memory.set(LOCK, b"w2", 300_000)
-    assert (await locks.acquire("e1", "w2", 300))["fencingToken"] == 6
+    assert (await locks.acquire("e1", "w2", 300)).token == 6
 
 
 async def test_the_token_binding_survives_a_replay(tmp_path: Path) -> None:
@@ -188,13 +182,13 @@ async def test_the_token_binding_survives_a_replay(tmp_path: Path) -> None:
     memory = MemoryStore(clock=clock, log=log)
     memory.load(log.open())
     locks = Locks(memory, keys, clock)
-    first = (await locks.acquire("e1", "w1", 300))["fencingToken"]
+    first = (await locks.acquire("e1", "w1", 300)).token
     clock.advance(1)
     await locks.extend("e1", "w1", 300)
     log.flush()
     log.close()
     again = replayed(tmp_path, clock)
-    assert again.held_token(keys, "e1") == first
+    assert again.held_token("e1") == first
     locks = Locks(again, keys, clock)
-    assert (await locks.acquire("e1", "w1", 300))["fencingToken"] == first
-    assert (await locks.acquire("e2", "w1", 300))["fencingToken"] == first + 1
+    assert (await locks.acquire("e1", "w1", 300)).token == first
+    assert (await locks.acquire("e2", "w1", 300)).token == first + 1

@@ -14,7 +14,7 @@ import trio.testing
 from clientlib.errors import Full
 from wksd.clock import SystemClock
 from wksd.coordination.holds import MAX_WAITS_PER_CONNECTION, POLL_BATCH, POLL_INTERVAL, Holds
-from wksd.domain import Locks
+from wksd.domain import Acquisition, Locks, LockState
 from wksd.keys import KeySpace
 from wksd.metrics import Metrics
 from wksd.session import Later
@@ -44,9 +44,8 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
     """2000 waits on 2000 held locks: Redis sees a poll of them all per interval, not one each."""
     keys = KeySpace("wks:")
     store = FailoverStore(
-        MemoryStore(clock=SystemClock()),
+        MemoryStore(keys=keys, clock=SystemClock()),
         RedisTarget(port=redis_server.port),
-        keys,
         Metrics(),
         timeout=5.0,
     )
@@ -58,6 +57,7 @@ async def test_2000_waiters_cost_redis_about_one_command_a_second(
         await nursery.start(service.run)
         for index in range(WAITERS):
             await locks.acquire(f"e{index}", "holder", 3600)
+        locks.answered = 0  # the waiters' tries from here on
         per_session = MAX_WAITS_PER_CONNECTION
         for index in range(WAITERS):
             session = FakeSession(index // per_session)
@@ -81,8 +81,8 @@ class CountingLocks(Locks):
 
     answered = 0
 
-    async def attempt(self, *args: Any) -> Any:
-        result = await super().attempt(*args)
+    async def acquire(self, *args: Any) -> Any:
+        result = await super().acquire(*args)
         self.answered += 1
         return result
 
@@ -125,7 +125,7 @@ async def test_the_poll_wakes_waiters_of_locks_freed_unannounced(
         for index in range(count):
             await store.delete(keys.lock(f"e{index}"))  # no release, no announcement
         await trio.sleep(POLL_INTERVAL * 1.5)
-        assert len(results) == count and all(r["acquired"] for r in results)
+        assert len(results) == count and all(r.acquired for r in results)
         assert len(store.reads) - polls <= 4  # two polls of two MGETs, not one per waiter
         nursery.cancel_scope.cancel()
 
@@ -138,7 +138,7 @@ class Service(Holds):
         self.locks = Locks(store, keys, clock)
         super().__init__(self.locks, store, keys)
 
-    async def status(self, execution_id: str) -> dict[str, Any]:
+    async def status(self, execution_id: str) -> LockState:
         return await self.locks.status(execution_id)
 
 
@@ -166,11 +166,11 @@ async def test_waits_beyond_the_bound_are_refused_and_change_nothing(
     with pytest.raises(Full, match="MAX_WAITS_PER_CONNECTION"):
         await service.acquire(greedy, "free", "w1", 300, False, 60)  # not even a free lock
     assert service.waiting == MAX_WAITS_PER_CONNECTION
-    assert not (await service.status("free"))["locked"]
+    assert (await service.status("free")).holder is None
     assert isinstance(await service.acquire(other, "e0", "w2", 300, False, 60), Later)
     # Without wait there is no bound: an answer at once.
     answer = await service.acquire(greedy, "free", "w1", 300, False, 0)
-    assert isinstance(answer, dict) and answer["acquired"]
+    assert isinstance(answer, Acquisition) and answer.acquired
 
 
 async def test_a_finished_wait_frees_its_place(
@@ -182,7 +182,7 @@ async def test_a_finished_wait_frees_its_place(
     for _ in range(MAX_WAITS_PER_CONNECTION + 1):
         later = await service.acquire(session, "e1", "w1", 300, False, 1)
         assert isinstance(later, Later)
-        assert not (await later.wait())["acquired"]
+        assert not (await later.wait()).acquired
     assert service.waiting == 0
 
 
@@ -226,8 +226,8 @@ async def test_a_wait_cancelled_mid_grant_leaves_the_lock_free(
         assert results == []
         assert service.kept == 0
         answer = await second.wait()
-        assert answer["acquired"] and answer["workerId"] == "w2"
-        assert (await service.status("e1"))["workerId"] == "w2"
+        assert answer.acquired and answer.holder == "w2"
+        assert (await service.status("e1")).holder == "w2"
         nursery.cancel_scope.cancel()
 
 
@@ -250,12 +250,12 @@ async def test_revoke_undoes_a_grant_that_could_not_be_delivered(service: Servic
         await trio.testing.wait_all_tasks_blocked()
         await service.release(FakeSession(3), "e1", "holder")
         await trio.testing.wait_all_tasks_blocked()
-        assert len(results) == 1 and results[0]["workerId"] == "w1" and service.kept == 1
+        assert len(results) == 1 and results[0].holder == "w1" and service.kept == 1
         await first.revoke(results[0])  # the server could not deliver it
         await trio.testing.wait_all_tasks_blocked()
         assert service.kept == 0
-        assert results[1]["acquired"] and results[1]["workerId"] == "w2"
-    assert (await service.status("e1"))["workerId"] == "w2"
+        assert results[1].acquired and results[1].holder == "w2"
+    assert (await service.status("e1")).holder == "w2"
 
 
 async def test_revoke_leaves_a_later_holding_alone(service: Service) -> None:
@@ -277,8 +277,8 @@ async def test_revoke_leaves_a_later_holding_alone(service: Service) -> None:
     granted = results[0]
     await service.release(session, "e1", "w1")
     again = await service.acquire(FakeSession(4), "e1", "w1", 300, False, 0)  # a new holding
-    assert isinstance(again, dict) and again["fencingToken"] > granted["fencingToken"]
+    assert isinstance(again, Acquisition) and again.token > granted.token
     await later.revoke(granted)
-    assert (await service.status("e1"))["workerId"] == "w1"
-    await later.revoke({"acquired": False, "workerId": "x"})  # nothing was granted
-    assert (await service.status("e1"))["workerId"] == "w1"
+    assert (await service.status("e1")).holder == "w1"
+    await later.revoke(Acquisition(False, "x", None, None))  # nothing was granted
+    assert (await service.status("e1")).holder == "w1"

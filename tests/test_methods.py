@@ -1,4 +1,6 @@
-"""The method table: params checked and typed at the edge (wksd.dispatch)."""
+"""The method table and its dispatcher: params checked and typed at the edge,
+typed results turned into wire maps, access denied unless granted (wksd.methods,
+wksd.dispatch)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,12 @@ from clientlib.errors import BadRequest, Forbidden, InternalError, UnknownMethod
 from wksd.app import Daemon
 from wksd.clock import ManualClock
 from wksd.config import Config
-from wksd.dispatch import MAX_ID_BYTES, MAX_SAFE_INTEGER, MAX_TTL_SECONDS, Method, Param, text
+from wksd.coordination.singleflight import LeaseAnswer, LeaseStatus
+from wksd.dispatch import Dispatcher, Method, Param
+from wksd.domain.values import MAX_SAFE_INTEGER
+from wksd.methods import MAX_ID_BYTES, MAX_TTL_SECONDS, present_lease, text
+from wksd.metrics import Metrics
+from wksd.session import Later
 
 
 @pytest.fixture
@@ -19,7 +26,8 @@ def daemon() -> Daemon:
 
 
 async def call(daemon: Daemon, method: str, *params: Any, **options: Any) -> Any:
-    return await daemon.dispatcher.call(method, list(params), **options)
+    """A call from an allowed peer, unless ``options`` say otherwise."""
+    return await daemon.dispatcher.call(method, list(params), **{"allowed": True, **options})
 
 
 def test_every_design_method_is_in_the_table(daemon: Daemon) -> None:
@@ -179,6 +187,52 @@ async def test_a_peer_not_allowed_is_refused_everything(daemon: Daemon) -> None:
     """A peer outside the allow-lists gets FORBIDDEN, even for ping."""
     with pytest.raises(Forbidden, match="not allowed"):
         await call(daemon, "ping", allowed=False)
+
+
+async def test_access_is_denied_unless_stated(daemon: Daemon) -> None:
+    """A call that does not say its peer is allowed (or an admin) is refused."""
+    with pytest.raises(Forbidden, match="not allowed"):
+        await daemon.dispatcher.call("ping", [])
+    with pytest.raises(Forbidden, match="admins only"):
+        await daemon.dispatcher.call("workflow.cleanup", [], allowed=True)
+
+
+async def test_a_later_answer_is_presented_and_revoked_as_the_handler_gave_it() -> None:
+    """A waiting answer reaches the server as its wire map; a revoke gets the typed one."""
+    revoked: list[Any] = []
+
+    async def waited() -> int:
+        return 7
+
+    async def revoke(answer: Any) -> None:
+        revoked.append(answer)
+
+    async def handler() -> Later:
+        return Later(waited, lambda: 0, revoke)
+
+    method = Method("wait", (), handler, present=lambda n: {"n": n})
+    later = await Dispatcher([method], Metrics()).call("wait", [], allowed=True)
+    assert isinstance(later, Later) and later.revoke is not None
+    assert later.give_up() == {"n": 0}
+    sent = await later.wait()
+    assert sent == {"n": 7}
+    await later.revoke(sent)
+    assert revoked == [7]
+
+
+@pytest.mark.parametrize(
+    ("answer", "keys"),
+    [
+        (LeaseAnswer(LeaseStatus.HIT, 1), ["status", "value"]),
+        (LeaseAnswer(LeaseStatus.STALE, 1, None), ["status", "value", "token"]),
+        (LeaseAnswer(LeaseStatus.LEASE, token="t"), ["status", "token"]),
+        (LeaseAnswer(LeaseStatus.TIMEOUT), ["status"]),
+        (LeaseAnswer(LeaseStatus.FAILED, error="e"), ["status", "error"]),
+    ],
+)
+def test_a_lease_answer_has_the_fields_of_its_status(answer: LeaseAnswer, keys: list[str]) -> None:
+    """cache.lease's map holds the fields its status has, in the wire's order."""
+    assert list(present_lease(answer)) == keys
 
 
 async def test_lenient_mode_reads_integers_as_identifiers(daemon: Daemon) -> None:

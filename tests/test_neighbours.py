@@ -223,7 +223,7 @@ async def test_a_subscriber_that_never_reads_queues_a_bounded_number_of_bytes(
     assert queued._dropped > 0
     assert metric(daemon.metrics.render(), "wksd_pushes_dropped_total") >= queued._dropped
     await watcher.stream.aclose()
-    await await_until(lambda: daemon.events.subscriptions == 0, "the subscription to go")
+    await await_until(lambda: daemon.feeds.subscriptions == 0, "the subscription to go")
     await await_until(lambda: queued not in server_of(daemon)._connections, "the connection to go")
     assert queued._push_bytes == 0 and not queued._pushes
 

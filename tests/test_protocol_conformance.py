@@ -90,7 +90,7 @@ async def test_a_notification_that_would_wait_does_not_wait(
     assert (await holder.call("lock.acquire", "R", "A", 30)).result["acquired"]
     await notify(notifier, "lock.acquire", "R", "B", 30, False, 5)
     assert await notifier.call("ping") == Response(1, None, "PONG")
-    assert daemon.lock_service.waiting == 0
+    assert daemon.holds.waiting == 0
     assert metric(daemon, 'wksd_client_notifications_dropped_total{reason="WAIT"}') == 1
     assert (await holder.call("lock.release", "R", "A")).result["released"]
     assert (await third.call("lock.acquire", "R", "C", 30)).result["acquired"]
@@ -214,7 +214,7 @@ async def gone_waiter(daemon: Daemon, connect: Connect, text: bool) -> None:
     else:
         await peer.request(1, "lock.acquire", "R", "B", 30, False, 5)
     await peer.stream.send_eof()
-    await await_until(lambda: daemon.lock_service.waiting == 1, "the wait is queued")
+    await await_until(lambda: daemon.holds.waiting == 1, "the wait is queued")
     await peer.stream.aclose()
 
 
@@ -226,7 +226,7 @@ async def test_a_wait_is_cancelled_when_its_peer_closes(
     holder = await connect()
     assert (await holder.call("lock.acquire", "R", "A", 30)).result["acquired"]
     await gone_waiter(daemon, connect, text)
-    await await_until(lambda: daemon.lock_service.waiting == 0)
+    await await_until(lambda: daemon.holds.waiting == 0)
     assert (await holder.call("lock.release", "R", "A")).result["released"]
     third = await connect()
     assert (await third.call("lock.acquire", "R", "C", 30)).result["acquired"]
@@ -247,11 +247,11 @@ async def test_a_grant_to_a_peer_that_has_gone_is_revoked(
         await peer.stream.send_all(b"lock.acquire R B 30 false 5\n")
     else:
         await peer.request(1, "lock.acquire", "R", "B", 30, False, 5)
-    await await_until(lambda: daemon.lock_service.waiting == 1)
+    await await_until(lambda: daemon.holds.waiting == 1)
     peer.stream.socket.shutdown(socket.SHUT_RDWR)  # gone, with no time for a poll to see it
     await peer.stream.aclose()
     assert (await holder.call("lock.release", "R", "A")).result["released"]
-    await await_until(lambda: daemon.lock_service.waiting == 0)
+    await await_until(lambda: daemon.holds.waiting == 0)
     third = await connect()
 
     async def third_acquires() -> bool:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from clientlib.errors import BadRequest, Conflict, NotFound
-from wksd.domain.workflows import STALE_ERROR
-from wksd.keys import KeySpace
+from wksd.domain import Cleanup, Workflows, WorkflowStats, WorkflowStatus
+from wksd.domain.workflows import STALE_ERROR, SWAP_BACKOFF_BASE
 from wksd.store.base import Store, WorkflowSnapshot, WorkflowSwap
 
 from .conftest import Domain
@@ -60,7 +60,7 @@ async def test_restarting_a_finished_execution_replaces_it(domain: Domain) -> No
     assert state["status"] == "running" and state["data"] == {} and "error" not in state
     assert await domain.store.members("wks:executions:active") == ["e1"]
     stats = await domain.workflows.stats()
-    assert stats["executionsByStatus"]["failed"] == 0
+    assert stats.by_status[WorkflowStatus.FAILED] == 0
 
 
 @pytest.mark.parametrize(
@@ -171,10 +171,9 @@ async def test_active_lists_running_ids(domain: Domain) -> None:
     for execution_id in ("b", "a", "c"):
         await domain.workflows.start(execution_id, "w", 2, {})
     await domain.workflows.complete("c", "completed", None, None)
-    assert await domain.workflows.active() == {"activeExecutions": ["a", "b"], "count": 2}
+    assert await domain.workflows.active() == ["a", "b"]
     detailed = await domain.workflows.active_detailed()
-    assert detailed["count"] == 2
-    assert sorted(state["executionId"] for state in detailed["workflows"]) == ["a", "b"]
+    assert sorted(state["executionId"] for state in detailed) == ["a", "b"]
 
 
 async def test_stats_count_active_and_recently_finished(domain: Domain) -> None:
@@ -187,17 +186,17 @@ async def test_stats_count_active_and_recently_finished(domain: Domain) -> None:
     await domain.workflows.complete("f1", "failed", "e", None)
     await domain.workflows.complete("x1", "cancelled", None, None)
     stats = await domain.workflows.stats()
-    assert stats == {
-        "activeExecutions": 2,
-        "executionsByStatus": {
-            "pending": 0,
-            "running": 2,
-            "completed": 1,
-            "failed": 1,
-            "cancelled": 1,
+    assert stats == WorkflowStats(
+        active_executions=2,
+        by_status={
+            WorkflowStatus.PENDING: 0,
+            WorkflowStatus.RUNNING: 2,
+            WorkflowStatus.COMPLETED: 1,
+            WorkflowStatus.FAILED: 1,
+            WorkflowStatus.CANCELLED: 1,
         },
-        "averageProgress": 38,  # (25 + 50) / 2 = 37.5, half up
-    }
+        average_progress=38,  # (25 + 50) / 2 = 37.5, half up
+    )
 
 
 async def test_stats_read_everything_in_one_snapshot(domain: Domain) -> None:
@@ -219,7 +218,6 @@ async def test_cleanup_prunes_and_fails_stale_runs(domain: Domain) -> None:
     # A finished state still in the set, as a crash between writes could leave it.
     done = await domain.workflows.complete("done", "completed", None, None)
     await domain.store.swap_workflow(
-        domain.keys,
         WorkflowSwap(
             "done", json.dumps(done, separators=(",", ":")).encode(), None, None, active=True
         ),
@@ -227,21 +225,21 @@ async def test_cleanup_prunes_and_fails_stale_runs(domain: Domain) -> None:
     domain.clock.advance(3000)
     await domain.workflows.start("fresh", "w", 4, {})
     domain.clock.advance(601)  # "stale" is now 3601 s old; "fresh" 601 s
-    assert await domain.workflows.cleanup() == {"cleaned": 3, "errors": 0}
-    assert await domain.workflows.active() == {"activeExecutions": ["fresh"], "count": 1}
+    assert await domain.workflows.cleanup() == Cleanup(cleaned=3, errors=0)
+    assert await domain.workflows.active() == ["fresh"]
     stale = await domain.workflows.get("stale")
     assert stale is not None
     assert stale["status"] == "failed" and stale["error"] == STALE_ERROR
     assert "completedAt" in stale and "estimatedCompletion" not in stale
     stats = await domain.workflows.stats()
-    assert stats["executionsByStatus"]["failed"] == 1
+    assert stats.by_status[WorkflowStatus.FAILED] == 1
 
 
 async def test_cleanup_counts_unreadable_states_as_errors(domain: Domain) -> None:
     """A state that is not JSON is counted as an error and left for a person to see."""
     await domain.workflows.start("bad", "w", 4, {})
     await domain.store.set("wks:workflow:bad", b"{not json", None)
-    assert await domain.workflows.cleanup() == {"cleaned": 0, "errors": 1}
+    assert await domain.workflows.cleanup() == Cleanup(cleaned=0, errors=1)
 
 
 async def test_a_concurrent_update_is_never_lost(domain: Domain) -> None:
@@ -256,6 +254,23 @@ async def test_a_concurrent_update_is_never_lost(domain: Domain) -> None:
     assert racing.swaps_refused == 1
     assert state["data"] == {"theirs": 1, "mine": 1}
     assert await domain.workflows.get("e1") == state
+
+
+async def test_a_lost_swap_waits_with_the_sleep_it_was_given(domain: Domain) -> None:
+    """After a lost compare-and-set, the retry waits through the injected sleep, briefly."""
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    workflows = Workflows(domain.store, domain.keys, domain.clock, stale_after=3600, sleep=sleep)
+    await workflows.start("e1", "w1", 10, {})
+    other = Domain(domain.store, domain.keys, domain.clock)
+    workflows._store = InterleavingStore(
+        domain.store, lambda: other.workflows.update("e1", 3, "other", None)
+    )
+    await workflows.update("e1", 4, "mine", None)
+    assert len(pauses) == 1 and 0 <= pauses[0] <= SWAP_BACKOFF_BASE
 
 
 async def test_workflow_data_obeys_the_value_limit(domain: Domain) -> None:
@@ -294,13 +309,13 @@ class InterleavingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+    async def swap_workflow(self, swap: WorkflowSwap) -> bool:
         if self._meddle is not None:
             meddle, self._meddle = self._meddle, None
             await meddle()
-        done = await self._inner.swap_workflow(keys, swap)
+        done = await self._inner.swap_workflow(swap)
         self.swaps_refused += not done
         return done
 
-    async def workflow_snapshot(self, keys: KeySpace, since: int | None) -> WorkflowSnapshot:
-        return await self._inner.workflow_snapshot(keys, since)
+    async def workflow_snapshot(self, since: int | None) -> WorkflowSnapshot:
+        return await self._inner.workflow_snapshot(since)

@@ -1,11 +1,14 @@
 """The daemon: its parts, wired, and the one nursery tree they run in.
 
-``Daemon`` builds the store, the domain services, the method table and the
-server from a ``Config``. ``run`` binds the socket (or takes one handed over),
-then runs the server, the memory sweeper and the workflow cleanup as children
-of one nursery (STYLE habit 5). ``shutdown`` stops accepting and reading,
-waits up to ``shutdown_timeout`` for every connection to answer what it has
-read, then cancels the rest.
+``Daemon`` builds the store, the domain and coordination services, the
+method table (``wksd.methods``) and the server from a ``Config``; each part
+gets what it needs at construction. ``run`` binds the socket (or takes one
+handed over), then runs the server, the memory sweeper and the workflow
+cleanup as children of one nursery (STYLE habit 5). ``shutdown`` stops
+accepting and reading, waits up to ``shutdown_timeout`` for every connection
+to answer what it has read, then cancels the rest. The daemon's own methods
+(``ping``, ``health``, ``metrics``, and ``workflow.cleanup`` counted and
+logged) are here too, as they read its parts.
 """
 
 from __future__ import annotations
@@ -27,29 +30,16 @@ from clientlib.errors import RemoteError
 from . import __version__
 from .access import AccessPolicy
 from .clock import Clock, SystemClock
-from .config import Config
-from .coordination.feeds import MAX_HISTORY, Feeds
+from .config import Config, redis_target
+from .coordination.feeds import Feeds
 from .coordination.holds import Holds
 from .coordination.singleflight import SingleFlight
-from .dispatch import (
-    MAX_TTL_SECONDS,
-    Dispatcher,
-    Method,
-    Param,
-    anything,
-    bounded,
-    finish_status,
-    flag,
-    identifier,
-    integer,
-    mapping,
-    seconds,
-    text,
-    ttl,
-)
-from .domain import Documents, Locks, Workflows
+from .dispatch import Dispatcher
+from .domain import Cleanup, Documents, Locks, Workflows
+from .domain.workflows import running_ttl_ms
 from .http import bind_http, serve_http
 from .keys import KeySpace
+from .methods import method_table
 from .metrics import Metrics
 from .server import Server, bind_unix_socket
 from .store.base import Store
@@ -65,15 +55,6 @@ __all__ = ["Daemon"]
 log = structlog.get_logger("wksd")
 
 T = TypeVar("T")
-
-SESSION_TTL = 86400.0  # seconds (DESIGN section 4)
-CACHE_TTL = 3600.0
-LOCK_TTL = 300.0
-#: A computing caller's lease, and how long others wait for it by default:
-#: long enough for a slow API call, short enough that a hung one is replaced.
-LEASE_TTL = 30.0
-#: The longest a lock.acquire or cache.lease may wait: an hour.
-MAX_WAIT = 3600.0
 
 
 class Daemon:
@@ -92,11 +73,12 @@ class Daemon:
         self.keys = keys = KeySpace(config.key_prefix)
         self.metrics = Metrics(redis_enabled=redis is not None or config.redis_enabled)
         if redis is None and config.redis_enabled:
-            redis = RedisTarget.from_config(config)
+            redis = redis_target(config)
         self.durable = (
             None if not config.state_dir else DurableLog(Path(config.state_dir), config.fsync)
         )
         self.memory = MemoryStore(
+            keys=keys,
             clock=self.clock,
             max_keys=config.memory_max_keys,
             evictable=lambda key: key.startswith(keys.cache_prefix),
@@ -115,7 +97,6 @@ class Daemon:
             else FailoverStore(
                 self.memory,
                 redis,
-                keys,
                 self.metrics,
                 timeout=config.redis_timeout,
                 backoff_max=config.redis_retry_max,
@@ -123,39 +104,19 @@ class Daemon:
             )
         )
         self.store: Store = self.memory if self.failover is None else self.failover
-        self.sessions = Documents(self.store, keys.session, "session data")
-        self.cache = Documents(self.store, keys.cache, "cache value")
-        self.workflows = Workflows(
-            self.store, keys, self.clock, stale_after=config.workflow_stale_after
-        )
-        self.locks = Locks(self.store, keys, self.clock)
-        # Coordination beyond the seed (docs/protocol-extensions.md).
-        self.origin = secrets.token_hex(6)  # tells this daemon's pub/sub messages apart
-        self.lock_service = Holds(
-            self.locks, self.store, keys, mark_volatile=self.memory.mark_volatile
-        )
-        self.events = Feeds(
-            self.store, keys, origin=self.origin, retain_ms=self.workflows.running_ttl_ms
-        )
-        self.workflows.on_change = self.events.emit
-        self.cache_flight = SingleFlight(self.store, keys, self.clock)
-        self.metrics.observe_coordination(self)
-        self.subscriber = (
-            None
-            if redis is None
-            else Subscriber(
-                redis,
-                {
-                    keys.lock_channel: self.lock_service.on_release_message,
-                    keys.workflow_channel: self.events.on_message,
-                    keys.cache_channel: self.cache_flight.on_message,
-                },
-                timeout=config.redis_timeout,
-                backoff_max=config.redis_retry_max,
-            )
-        )
+        self._build_services()
+        self.subscriber = None if redis is None else self._subscriber(redis)
         self.dispatcher = Dispatcher(
-            self._methods(),
+            method_table(
+                self,
+                sessions=self.sessions,
+                cache=self.cache,
+                workflows=self.workflows,
+                locks=self.locks,
+                holds=self.holds,
+                feeds=self.feeds,
+                flights=self.flights,
+            ),
             self.metrics,
             commit=None if self.durable is None else self.durable.commit,
         )
@@ -170,6 +131,47 @@ class Daemon:
         self._started = time.monotonic()
         self._stop = trio.Event()
         self.server: Server | None = None
+
+    def _build_services(self) -> None:
+        """The domain's services over the store, and the coordination beyond
+        the seed (docs/protocol-extensions.md), with the metrics that read them."""
+        store, keys, clock, config = self.store, self.keys, self.clock, self.config
+        self.sessions = Documents(store, keys.session, "session data")
+        self.cache = Documents(store, keys.cache, "cache value")
+        self.origin = secrets.token_hex(6)  # tells this daemon's pub/sub messages apart
+        self.feeds = Feeds(
+            store,
+            keys,
+            origin=self.origin,
+            retain_ms=running_ttl_ms(config.workflow_stale_after),
+        )
+        self.workflows = Workflows(
+            store,
+            keys,
+            clock,
+            stale_after=config.workflow_stale_after,
+            sleep=trio.sleep,
+            on_change=self.feeds.emit,
+        )
+        self.locks = Locks(store, keys, clock)
+        self.holds = Holds(self.locks, store, keys, mark_volatile=self.memory.mark_volatile)
+        self.flights = SingleFlight(store, keys, clock)
+        self.metrics.observe_coordination(self.holds, self.feeds, self.flights)
+
+    def _subscriber(self, redis: RedisTarget) -> Subscriber:
+        """The pub/sub link that tells the coordination services what other
+        daemons sharing the Redis did."""
+        keys = self.keys
+        return Subscriber(
+            redis,
+            {
+                keys.lock_channel: self.holds.on_release_message,
+                keys.workflow_channel: self.feeds.on_message,
+                keys.cache_channel: self.flights.on_message,
+            },
+            timeout=self.config.redis_timeout,
+            backoff_max=self.config.redis_retry_max,
+        )
 
     def _open_state(self, durable: DurableLog) -> None:
         """Lock the state directory and replay it into memory.
@@ -244,143 +246,12 @@ class Daemon:
     async def metrics_text(self) -> str:
         return self.metrics.render()
 
-    def _methods(self) -> list[Method]:
-        sessions, cache, workflows, locks = self.sessions, self.cache, self.workflows, self.locks
-        execution = Param("execution_id", identifier)
-        worker = Param("worker_id", identifier)
-        return [
-            Method("ping", (), self.ping),
-            Method("health", (), self.health),
-            Method("metrics", (), self.metrics_text),
-            Method(
-                "session.set",
-                (
-                    Param("user_id", identifier),
-                    Param("data", mapping),
-                    Param("ttl", ttl, SESSION_TTL),
-                ),
-                sessions.set,
-            ),
-            Method("session.get", (Param("user_id", identifier),), sessions.get),
-            Method("session.delete", (Param("user_id", identifier),), sessions.delete),
-            Method(
-                "session.touch",
-                (Param("user_id", identifier), Param("ttl", ttl, SESSION_TTL)),
-                sessions.touch,
-            ),
-            Method(
-                "cache.set",
-                (Param("key", identifier), Param("value", anything), Param("ttl", ttl, CACHE_TTL)),
-                cache.set,
-            ),
-            Method("cache.get", (Param("key", identifier),), cache.get),
-            Method("cache.delete", (Param("key", identifier),), cache.delete),
-            Method(
-                "workflow.start",
-                (
-                    execution,
-                    Param("workflow_id", identifier),
-                    Param("total_steps", integer(1)),
-                    Param("data", mapping, {}),
-                ),
-                workflows.start,
-            ),
-            Method(
-                "workflow.update",
-                (
-                    execution,
-                    Param("completed_steps", integer(0)),
-                    Param("current_step", text),
-                    Param("data", mapping, None),
-                ),
-                workflows.update,
-            ),
-            Method(
-                "workflow.complete",
-                (
-                    execution,
-                    Param("status", finish_status),
-                    Param("error", text, None),
-                    Param("final_data", mapping, None),
-                ),
-                workflows.complete,
-            ),
-            Method("workflow.get", (execution,), workflows.get),
-            Method("workflow.active", (), workflows.active),
-            Method("workflow.active_detailed", (), workflows.active_detailed),
-            Method("workflow.stats", (), workflows.stats),
-            Method("workflow.cleanup", (), self._cleanup, admin=True),
-            Method(
-                "lock.acquire",
-                (
-                    execution,
-                    worker,
-                    Param("ttl", ttl, LOCK_TTL),
-                    Param("keepalive", flag, False),
-                    Param("wait", seconds(MAX_WAIT), 0.0),
-                ),
-                self.lock_service.acquire,
-                session=True,
-            ),
-            Method("lock.release", (execution, worker), self.lock_service.release, session=True),
-            Method("lock.extend", (execution, worker, Param("ttl", ttl, LOCK_TTL)), locks.extend),
-            Method("lock.status", (execution,), locks.status),
-            Method(
-                "workflow.subscribe",
-                (Param("execution_id", identifier, None),),
-                self.events.subscribe,
-                session=True,
-            ),
-            Method(
-                "workflow.unsubscribe",
-                (Param("execution_id", identifier, None),),
-                self.events.unsubscribe,
-                session=True,
-            ),
-            Method(
-                "workflow.events",
-                (
-                    Param("execution_id", identifier, None),
-                    Param("since_ms", integer(0), None),
-                    Param("limit", bounded(1, MAX_HISTORY), 100),
-                ),
-                self.events.history,
-            ),
-            Method(
-                "cache.lease",
-                (
-                    Param("key", identifier),
-                    Param("lease_ttl", ttl, LEASE_TTL),
-                    Param("wait", seconds(MAX_WAIT), LEASE_TTL),
-                ),
-                self.cache_flight.lease,
-                session=True,
-            ),
-            Method(
-                "cache.fill",
-                (
-                    Param("key", identifier),
-                    Param("token", identifier),
-                    Param("value", anything),
-                    Param("ttl", ttl, CACHE_TTL),
-                    Param("stale_ttl", seconds(MAX_TTL_SECONDS), 0.0),
-                ),
-                self.cache_flight.fill,
-                session=True,
-            ),
-            Method(
-                "cache.abandon",
-                (Param("key", identifier), Param("token", identifier), Param("error", text, None)),
-                self.cache_flight.abandon,
-                session=True,
-            ),
-        ]
-
-    async def _cleanup(self) -> dict[str, int]:
+    async def cleanup(self) -> Cleanup:
+        """``workflow.cleanup``, counted and logged."""
         result = await self.workflows.cleanup()
-        self.metrics.workflows_cleaned.inc(result["cleaned"])
-        if result["cleaned"] or result["errors"]:
-            log.info("workflow cleanup", **result)
+        self.metrics.workflows_cleaned.inc(result.cleaned)
+        if result.cleaned or result.errors:
+            log.info("workflow cleanup", cleaned=result.cleaned, errors=result.errors)
         return result
 
     # -- running -------------------------------------------------------------------
@@ -427,7 +298,7 @@ class Daemon:
                 if self.durable is not None:
                     await nursery.start(self.durable.run)
                 nursery.start_soon(self._sweep_forever)
-                await nursery.start(self.lock_service.run)
+                await nursery.start(self.holds.run)
                 if self.subscriber is not None:
                     await nursery.start(self.subscriber.run)
                 if self.failover is not None:
@@ -525,7 +396,7 @@ class Daemon:
         while True:
             await trio.sleep(self.config.cleanup_interval)
             try:
-                await self._supervised("cleanup", self._cleanup)
+                await self._supervised("cleanup", self.cleanup)
             except RemoteError as exc:
                 log.warning("workflow cleanup failed", error=exc.code)
             if self.durable is not None:

@@ -1,14 +1,19 @@
-"""The method table: wire params in, typed arguments out (STYLE habit 2).
+"""The dispatcher: wire params in, typed arguments out, typed results turned back.
 
-Each method of DESIGN section 3 is one ``Method`` row: its name, its
-parameters with the check that turns a raw msgpack value into a typed Python
-value (or raises ``BadRequest`` naming the parameter), and the handler that
-receives them. Raw params never travel past ``Dispatcher.call``.
+Each method is one ``Method`` row (the table itself is ``wksd.methods``): its
+name, its parameters with the check that turns a raw msgpack value into a
+typed Python value (or raises ``BadRequest`` naming the parameter), the
+handler that receives them, and ``present``, which turns the handler's typed
+result into its wire map. Raw params never travel past ``Dispatcher.call``,
+and no wire map is made before it.
+
+Access is denied unless the caller says otherwise: ``call`` refuses a peer
+that is not stated to be ``allowed``, and an admin method to one not stated
+to be ``admin``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,22 +25,18 @@ import trio
 from clientlib.errors import BadRequest, Forbidden, InternalError, RemoteError, UnknownMethod
 
 from .access import Peer
-from .domain.values import MAX_SAFE_INTEGER, MAX_TEXT_BYTES
-from .domain.workflows import FINISHED
 from .metrics import Metrics
 from .session import Later, Session
 
-__all__ = ["Dispatcher", "Method", "Param"]
+__all__ = ["REQUIRED", "Check", "Dispatcher", "Method", "Param"]
 
 log = structlog.get_logger("wksd.dispatch")
 
-#: Identifiers are non-empty strings of at most this many bytes (DESIGN 3).
-MAX_ID_BYTES: Final = 256
-#: TTLs above ten years are surely mistakes; they would pin a key for good.
-MAX_TTL_SECONDS: Final = 10 * 365 * 86400
+#: The default of a parameter that has none: the request must give it.
+REQUIRED: Final[Any] = object()
 
-_REQUIRED: Final = object()
-
+#: A parameter check: (the parameter's name, the raw value) -> the typed value,
+#: or ``BadRequest`` naming the parameter.
 Check = Callable[[str, Any], Any]
 
 
@@ -43,7 +44,10 @@ Check = Callable[[str, Any], Any]
 class Param:
     name: str
     check: Check
-    default: Any = _REQUIRED
+    default: Any = REQUIRED
+    #: A string parameter: in the text protocol, where a bare ``123`` is typed
+    #: as a number but meant as an identifier, an integer is read as its digits.
+    textual: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +58,14 @@ class Method:
     admin: bool = False
     #: The handler's first argument is the connection's ``Session``.
     session: bool = False
+    #: The handler's typed result -> its wire map (None: the result is sent as it is).
+    present: Callable[[Any], Any] | None = None
 
     def bind(self, raw: Sequence[Any], lenient: bool = False) -> list[Any]:
         """Check ``raw`` params against the signature; the typed arguments.
 
         Omitted or nil optional params take their defaults. ``lenient`` is
-        for the text protocol, where a bare ``123`` is typed as a number but
-        meant as an identifier: integers are accepted for string params.
+        for the text protocol: integers are accepted for ``textual`` params.
         """
         if len(raw) > len(self.params):
             raise BadRequest(f"{self.name} takes at most {len(self.params)} params, got {len(raw)}")
@@ -68,108 +73,16 @@ class Method:
         for index, param in enumerate(self.params):
             value = raw[index] if index < len(raw) else None
             if value is None:
-                if param.default is _REQUIRED:
+                if param.default is REQUIRED:
                     raise BadRequest(f"{self.name}: {param.name} is required")
                 args.append(param.default)
                 continue
-            if lenient and type(value) is int and param.check in _STRING_CHECKS:
+            if lenient and type(value) is int and param.textual:
                 value = str(value)
             args.append(param.check(param.name, value))
         return args
 
 
-# -- parameter checks ----------------------------------------------------------
-def identifier(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"{name} must be a non-empty string")
-    if len(value) > MAX_ID_BYTES:  # more characters than bytes allowed: too long anyway
-        raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
-    if not value.isascii():
-        try:
-            size = len(value.encode())
-        except UnicodeEncodeError:  # a lone surrogate, from a text line's "\ud83d"
-            raise BadRequest(f"{name} must be valid Unicode (no lone surrogates)") from None
-        if size > MAX_ID_BYTES:
-            raise BadRequest(f"{name} is longer than {MAX_ID_BYTES} bytes")
-    return value
-
-
-def text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a string")
-    if len(value) > MAX_TEXT_BYTES // 4:
-        try:
-            size = len(value.encode())
-        except UnicodeEncodeError:
-            size = len(value.encode(errors="surrogatepass"))  # stored as JSON escapes
-        if size > MAX_TEXT_BYTES:
-            raise BadRequest(f"{name} is longer than {MAX_TEXT_BYTES} bytes")
-    return value
-
-
-_STRING_CHECKS: Final = (identifier, text)
-
-
-def ttl(name: str, value: Any) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-        raise BadRequest(f"{name} must be a number of seconds greater than 0")
-    if value > MAX_TTL_SECONDS:
-        raise BadRequest(f"{name} must be at most {MAX_TTL_SECONDS} seconds")
-    return float(value)
-
-
-def mapping(name: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{name} must be a map")
-    return value
-
-
-def anything(name: str, value: Any) -> Any:
-    return value
-
-
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false")
-    return value
-
-
-def seconds(high: float) -> Check:
-    """A duration from 0 up to ``high`` seconds (0 allowed: "do not wait")."""
-
-    def check(name: str, value: Any) -> float:
-        if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= high:
-            raise BadRequest(f"{name} must be a number of seconds from 0 to {high}")
-        return float(value)
-
-    return check
-
-
-def bounded(low: int, high: int) -> Check:
-    def check(name: str, value: Any) -> int:
-        if type(value) is not int or not low <= value <= high:
-            raise BadRequest(f"{name} must be an integer from {low} to {high}")
-        return value
-
-    return check
-
-
-def integer(low: int) -> Check:
-    def check(name: str, value: Any) -> int:
-        if type(value) is not int or not low <= value <= MAX_SAFE_INTEGER:
-            raise BadRequest(f"{name} must be an integer from {low} to {MAX_SAFE_INTEGER}")
-        return value
-
-    return check
-
-
-def finish_status(name: str, value: Any) -> str:
-    if not isinstance(value, str) or value not in FINISHED:  # a list is unhashable
-        raise BadRequest(f"{name} must be one of {', '.join(sorted(FINISHED))}")
-    return value
-
-
-# -- the dispatcher ----------------------------------------------------------------
 class Dispatcher:
     """Looks a method up, checks access and params, runs it, counts it."""
 
@@ -192,12 +105,16 @@ class Dispatcher:
         params: Sequence[Any],
         *,
         peer: Peer | None = None,
-        allowed: bool = True,
-        admin: bool = True,
+        allowed: bool = False,
+        admin: bool = False,
         lenient: bool = False,
         session: Session | None = None,
     ) -> Any:
-        """Run one request; its result (perhaps a ``Later``), or the ``RemoteError``."""
+        """Run one request; its wire answer (perhaps a ``Later``), or the ``RemoteError``.
+
+        ``allowed`` and ``admin`` are what the access policy says of the peer;
+        unless stated, it may call nothing.
+        """
         started = time.perf_counter()
         method = self.methods.get(name)
         label = name if method is not None else "other"
@@ -209,13 +126,7 @@ class Dispatcher:
                 raise UnknownMethod(f"no method {name!r}")
             if method.admin and not admin:
                 raise Forbidden(f"{name} is for admins only")
-            args = method.bind(params, lenient)
-            if not method.session:
-                result = await method.handler(*args)
-            elif session is None:
-                raise BadRequest(f"{name} needs a connection of its own")
-            else:
-                result = await method.handler(session, *args)
+            result = self._presented(method, await self._run(method, params, lenient, session))
             if self._commit is not None:
                 await self._commit()
                 if isinstance(result, Later):
@@ -231,6 +142,27 @@ class Dispatcher:
             raise InternalError("internal error; see the daemon's log") from exc
         finally:
             self._stats.observe(label, code, time.perf_counter() - started)
+
+    @staticmethod
+    async def _run(
+        method: Method, params: Sequence[Any], lenient: bool, session: Session | None
+    ) -> Any:
+        """The handler's typed result, from the checked params."""
+        args = method.bind(params, lenient)
+        if not method.session:
+            return await method.handler(*args)
+        if session is None:
+            raise BadRequest(f"{method.name} needs a connection of its own")
+        return await method.handler(session, *args)
+
+    @staticmethod
+    def _presented(method: Method, result: Any) -> Any:
+        """``result`` as the wire carries it (a ``Later``'s answers too)."""
+        if method.present is None:
+            return result
+        if isinstance(result, Later):
+            return result.then(method.present)
+        return method.present(result)
 
     def _committed(self, wait: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
         """``wait``, then the commit: a lock granted after a wait is journaled

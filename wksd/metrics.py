@@ -25,7 +25,7 @@ import platform
 from bisect import bisect_left
 from collections.abc import Iterator
 from importlib.metadata import version
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -107,43 +107,65 @@ class _MemoryCollector(Collector):
         )
 
 
-class _Coordination(Protocol):
-    lock_service: Any
-    events: Any
-    cache_flight: Any
+class _HoldFigures(Protocol):
+    """What the lock holds (``wksd.coordination.holds.Holds``) count."""
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def kept(self) -> int: ...
+
+
+class _FeedFigures(Protocol):
+    """What the workflow feeds (``wksd.coordination.feeds.Feeds``) count."""
+
+    @property
+    def subscriptions(self) -> int: ...
+
+
+class _FlightFigures(Protocol):
+    """What the single flights (``wksd.coordination.singleflight``) count."""
+
+    @property
+    def flights(self) -> int: ...
+
+    @property
+    def waiters(self) -> int: ...
 
 
 class _CoordinationCollector(Collector):
-    def __init__(self, daemon: _Coordination) -> None:
-        self._daemon = daemon
+    def __init__(self, holds: _HoldFigures, feeds: _FeedFigures, flights: _FlightFigures) -> None:
+        self._holds = holds
+        self._feeds = feeds
+        self._flights = flights
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self._daemon
         for name, help_text, value in (
             (
                 "wksd_lock_waiters",
                 "lock.acquire requests waiting for a lock.",
-                daemon.lock_service.waiting,
+                self._holds.waiting,
             ),
             (
                 "wksd_keepalive_locks",
                 "Locks kept alive for their connections.",
-                daemon.lock_service.kept,
+                self._holds.kept,
             ),
             (
                 "wksd_workflow_subscriptions",
                 "workflow.subscribe subscriptions open.",
-                daemon.events.subscriptions,
+                self._feeds.subscriptions,
             ),
             (
                 "wksd_cache_flights",
                 "Missing cache values being computed.",
-                daemon.cache_flight.flights,
+                self._flights.flights,
             ),
             (
                 "wksd_cache_waiters",
                 "Callers waiting for a value another caller computes.",
-                daemon.cache_flight.waiters,
+                self._flights.waiters,
             ),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
@@ -323,9 +345,11 @@ class Metrics:
         """Read the memory store's figures when scraped, not on every write."""
         self.registry.register(_MemoryCollector(store))
 
-    def observe_coordination(self, daemon: _Coordination) -> None:
+    def observe_coordination(
+        self, holds: _HoldFigures, feeds: _FeedFigures, flights: _FlightFigures
+    ) -> None:
         """Waiters, keepalive locks, subscriptions and cache flights, read when scraped."""
-        self.registry.register(_CoordinationCollector(daemon))
+        self.registry.register(_CoordinationCollector(holds, feeds, flights))
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

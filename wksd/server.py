@@ -345,7 +345,7 @@ class _Connection:
                 self._sent.set()
                 self._sent = None
 
-    # -- the Session interface (wksd.dispatch.Session) ------------------------
+    # -- the Session interface (wksd.session.Session) -------------------------
     def push(self, method: str, params: list[Any]) -> None:
         if self._push_closed or (not self._pusher and (self.tasks is None or self.ended)):
             return

@@ -52,3 +52,28 @@ class Later:
         self.wait = wait
         self.give_up = give_up
         self.revoke = revoke
+
+    def then(self, present: Callable[[Any], Any]) -> Later:
+        """This wait with its answers turned by ``present`` (the method table's
+        wire maps), for the server to send.
+
+        ``revoke`` still gets the answer as ``wait`` gave it: the turned one
+        is only what the server holds. A ``Later`` is waited for once.
+        """
+        answered: list[Any] = []
+
+        async def wait() -> Any:
+            answered.append(await self.wait())
+            return present(answered[0])
+
+        def give_up() -> Any:
+            return present(self.give_up())
+
+        revoke = self.revoke
+        if revoke is None:
+            return Later(wait, give_up)
+
+        async def revoke_answered(_sent: Any) -> None:
+            await revoke(answered[0])
+
+        return Later(wait, give_up, revoke_answered)

@@ -1,11 +1,12 @@
 """Live workflow events: pushed to subscribers, kept as history, shared via Redis.
 
-Every change of a workflow (``Workflows.on_change``) becomes an event
-``{"executionId", "type", "state", "at"}``. The hub pushes it to this
-daemon's subscribed connections (``workflow.event`` notifications), appends it
-to the history (a Redis Stream per execution and one for all, bounded; the
-same in memory without Redis), and publishes it for the other daemons sharing
-the Redis, whose hubs push it to their own subscribers. Events carry this
+Every change of a workflow (``emit``, given to ``Workflows`` as its
+``on_change``) becomes an event ``{"executionId", "type", "state", "at"}``.
+The hub pushes it to this daemon's subscribed connections (``workflow.event``
+notifications), appends it to the history (a Redis Stream per execution and
+one for all, bounded; the same in memory without Redis), and publishes it for
+the other daemons sharing the Redis, whose hubs push it to their own
+subscribers. Events carry this
 daemon's ``origin`` so it does not push its own twice.
 
 Failing to record or publish an event never fails the change that caused it:
@@ -58,7 +59,7 @@ class Feeds:
         return sum(len(sessions) for sessions in self._subscribers.values())
 
     async def emit(self, kind: str, state: dict[str, Any]) -> None:
-        """A workflow changed through this daemon (``Workflows.on_change``)."""
+        """A workflow changed through this daemon (``Workflows``' ``on_change``)."""
         event = {
             "executionId": state["executionId"],
             "type": kind,
@@ -71,9 +72,7 @@ class Feeds:
             raw = _json(event)
         self._deliver(event)
         try:
-            await self._store.record_event(
-                self._keys, event["executionId"], raw, event["at"], self._retain_ms
-            )
+            await self._store.record_event(event["executionId"], raw, event["at"], self._retain_ms)
             await self._store.publish(
                 self._keys.workflow_channel, _json({"origin": self._origin, "event": event})
             )
@@ -98,28 +97,33 @@ class Feeds:
             session.push("workflow.event", [event])
 
     # -- the methods ------------------------------------------------------------
-    async def subscribe(self, session: Session, execution_id: str | None) -> dict[str, Any]:
+    async def subscribe(self, session: Session, execution_id: str | None) -> str | None:
+        """Push ``session`` the events of ``execution_id`` (None: of every
+        execution) from now on; the id subscribed to."""
         if session.id not in self._sessions:
             self._sessions[session.id] = set()
             session.on_close(partial(self._drop, session.id))
         self._sessions[session.id].add(execution_id)
         self._subscribers.setdefault(execution_id, {})[session.id] = session
-        return {"subscribed": execution_id}
+        return execution_id
 
-    async def unsubscribe(self, session: Session, execution_id: str | None) -> dict[str, Any]:
+    async def unsubscribe(self, session: Session, execution_id: str | None) -> bool:
+        """End a subscription of ``session``; False when it had none to ``execution_id``."""
         subscribed = execution_id in self._sessions.get(session.id, set())
         if subscribed:
             self._sessions[session.id].discard(execution_id)
             self._remove(execution_id, session.id)
-        return {"unsubscribed": subscribed}
+        return subscribed
 
     async def history(
         self, execution_id: str | None, since_ms: int | None, limit: int
-    ) -> dict[str, Any]:
+    ) -> list[dict[str, Any]]:
+        """Recorded events of ``execution_id`` (None: all) after ``since_ms``,
+        oldest first, at most ``limit``."""
         since = -1 if since_ms is None else since_ms
-        raw = await self._store.read_events(self._keys, execution_id, since, limit)
+        raw = await self._store.read_events(execution_id, since, limit)
         events = [json.loads(entry) for entry in raw]
-        return {"events": [event for event in events if event["at"] > since][:limit]}
+        return [event for event in events if event["at"] > since][:limit]
 
     async def _drop(self, session_id: int) -> None:
         for execution_id in self._sessions.pop(session_id, set()):

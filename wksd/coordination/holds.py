@@ -51,14 +51,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import structlog
 import trio
 
 from clientlib.errors import Full, RemoteError
 
-from ..domain.locks import Locks
+from ..domain.locks import Acquisition, Locks, LockStatus
 from ..keys import KeySpace
 from ..session import Later, Session
 from ..store.base import Store
@@ -115,7 +115,9 @@ def retry_interval(ttl: float) -> float:
 
 
 @dataclass(eq=False)
-class _Waiter:
+class _AcquireWait:
+    """A ``lock.acquire`` waiting its turn in its execution id's queue."""
+
     worker_id: str
     ttl: float
     keepalive: bool
@@ -164,7 +166,7 @@ class Holds:
         self._store = store
         self._keys = keys
         self._mark_volatile = mark_volatile
-        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, deque[_AcquireWait]] = {}
         self._holders: dict[str, str | None] = {}  # last holder seen by a waiter
         self._kept: dict[tuple[str, str], _Kept] = {}
         self._sessions: dict[int, set[tuple[str, str]]] = {}
@@ -188,18 +190,20 @@ class Holds:
         ttl: float,
         keepalive: bool,
         wait: float,
-    ) -> dict[str, Any] | Later:
+    ) -> Acquisition | Later:
+        """The acquisition now, or (``wait`` > 0 and the lock held) a ``Later``
+        whose ``wait`` gives it once granted or ``wait`` seconds are over."""
         if wait > 0 and self._waits.get(session.id, 0) >= MAX_WAITS_PER_CONNECTION:
             raise Full(
                 f"this connection already has {MAX_WAITS_PER_CONNECTION} lock.acquire calls"
                 " waiting (MAX_WAITS_PER_CONNECTION); wait for one to end"
             )
         if not (wait > 0 and self._queues.get(execution_id)):
-            result, _ = await self._try(session, execution_id, worker_id, ttl, keepalive)
-            if result["acquired"] or wait <= 0:
-                return result
-            self._holders[execution_id] = result["workerId"]
-        waiter = _Waiter(worker_id, ttl, keepalive, session)
+            answer = await self._try(session, execution_id, worker_id, ttl, keepalive)
+            if answer.acquired or wait <= 0:
+                return answer
+            self._holders[execution_id] = answer.holder
+        waiter = _AcquireWait(worker_id, ttl, keepalive, session)
         self._queues.setdefault(execution_id, deque()).append(waiter)
         self._waits[session.id] = self._waits.get(session.id, 0) + 1
         deadline = trio.current_time() + wait
@@ -209,17 +213,17 @@ class Holds:
             partial(self._revoke, execution_id, waiter),
         )
 
-    async def release(self, session: Session, execution_id: str, worker_id: str) -> dict[str, Any]:
-        result = await self._locks.release(execution_id, worker_id)
+    async def release(self, session: Session, execution_id: str, worker_id: str) -> LockStatus:
+        status = await self._locks.release(execution_id, worker_id)
         kept = self._kept.get((execution_id, worker_id))
         self._forget(execution_id, worker_id)
         if kept is not None and kept.session is not session:
             # Released (or found not ours) through another connection: the
             # one that kept it still thinks it holds it.
-            kept.lost(LOST_RELEASED if result["released"] else result["status"])
-        if result["released"]:
+            kept.lost(LOST_RELEASED if status is LockStatus.RELEASED else status.value)
+        if status is LockStatus.RELEASED:
             await self._announce(execution_id)
-        return result
+        return status
 
     def notify_released(self, execution_id: str) -> None:
         """Someone released (or lost) this lock: the first waiter should try now."""
@@ -242,35 +246,36 @@ class Holds:
     # -- waiting ---------------------------------------------------------------------
     async def _try(
         self, session: Session, execution_id: str, worker_id: str, ttl: float, keepalive: bool
-    ) -> tuple[dict[str, Any], int | None]:
+    ) -> Acquisition:
         # Shielded: a lock granted in Redis must not be lost to a cancellation
         # between the grant and its keepalive being registered.
         with trio.CancelScope(shield=True):
             sent_at = trio.current_time()
-            result, holder_ttl = await self._locks.attempt(execution_id, worker_id, ttl)
-        if result["acquired"] and keepalive:
+            answer = await self._locks.acquire(execution_id, worker_id, ttl)
+        if answer.acquired and keepalive:
             self._keep(session, execution_id, worker_id, ttl, sent_at + ttl)
-        return result, holder_ttl
+        return answer
 
-    async def _wait(self, execution_id: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+    async def _wait(self, execution_id: str, waiter: _AcquireWait, deadline: float) -> Acquisition:
         queue = self._queues[execution_id]
         try:
             while True:
                 retry_at = deadline
                 if queue[0] is waiter:
-                    result, holder_ttl = await self._try(
+                    answer = await self._try(
                         waiter.session,
                         execution_id,
                         waiter.worker_id,
                         waiter.ttl,
                         waiter.keepalive,
                     )
-                    if result["acquired"]:
-                        await self._deliverable(execution_id, waiter, result)
-                        return result
-                    self._holders[execution_id] = result["workerId"]
-                    if holder_ttl is not None:
-                        expiry = trio.current_time() + holder_ttl / 1000 + EXPIRY_SLACK
+                    if answer.acquired:
+                        await self._deliverable(execution_id, waiter, answer)
+                        return answer
+                    self._holders[execution_id] = answer.holder
+                    if answer.holder_ttl_ms is not None:
+                        left = answer.holder_ttl_ms / 1000
+                        expiry = trio.current_time() + left + EXPIRY_SLACK
                         retry_at = min(retry_at, expiry)
                 if trio.current_time() >= deadline:
                     return self._refusal(execution_id)
@@ -280,7 +285,7 @@ class Holds:
         finally:
             self._left(execution_id, waiter)
 
-    def _left(self, execution_id: str, waiter: _Waiter) -> None:
+    def _left(self, execution_id: str, waiter: _AcquireWait) -> None:
         """``waiter`` leaves its queue (and its connection's count); the next goes."""
         queue = self._queues[execution_id]
         head = queue[0] is waiter
@@ -296,7 +301,7 @@ class Holds:
             del self._waits[session_id]
 
     async def _deliverable(
-        self, execution_id: str, waiter: _Waiter, result: dict[str, Any]
+        self, execution_id: str, waiter: _AcquireWait, grant: Acquisition
     ) -> None:
         """Raise ``Cancelled`` if the wait was cancelled while its grant was in
         flight (shielded): the grant is undone first, nobody would hear of it."""
@@ -306,27 +311,27 @@ class Holds:
             log.info(
                 "lock granted to a wait cancelled meanwhile; undone", execution_id=execution_id
             )
-            await self._undo(waiter, execution_id, result["fencingToken"])
+            await self._undo(waiter, execution_id, grant.token)
             raise
 
-    async def _revoke(self, execution_id: str, waiter: _Waiter, result: Any) -> None:
+    async def _revoke(self, execution_id: str, waiter: _AcquireWait, answer: Acquisition) -> None:
         """Undo a grant the server could not deliver (the peer had gone)."""
-        if isinstance(result, dict) and result.get("acquired"):
+        if answer.acquired:
             log.info("lock granted to a peer that has gone; undone", execution_id=execution_id)
-            await self._undo(waiter, execution_id, result.get("fencingToken"))
+            await self._undo(waiter, execution_id, answer.token)
 
-    async def _undo(self, waiter: _Waiter, execution_id: str, token: int | None) -> None:
+    async def _undo(self, waiter: _AcquireWait, execution_id: str, token: int | None) -> None:
         """Release exactly the holding ``waiter`` was granted, and let the next go."""
         with trio.CancelScope(shield=True):
             kept = self._kept.get((execution_id, waiter.worker_id))
             if kept is not None and kept.session is waiter.session:
                 self._forget(execution_id, waiter.worker_id)
             try:
-                result = await self._locks.release(execution_id, waiter.worker_id, token)
+                status = await self._locks.release(execution_id, waiter.worker_id, token)
             except RemoteError as exc:  # it runs out with its TTL
                 log.warning("undoing a grant failed", error=exc.code)
                 return
-            if result["released"]:
+            if status is LockStatus.RELEASED:
                 await self._announce(execution_id)
 
     async def _poll(self) -> None:
@@ -347,10 +352,9 @@ class Holds:
                     if holder is None or holder.decode(errors="replace") != seen:
                         self.notify_released(execution_id)
 
-    def _refusal(self, execution_id: str) -> dict[str, Any]:
+    def _refusal(self, execution_id: str) -> Acquisition:
         """The answer when the wait runs out (or the daemon shuts down first)."""
-        holder = self._holders.get(execution_id)
-        return {"acquired": False, "workerId": holder, "fencingToken": None, "expiresAt": None}
+        return Acquisition(False, self._holders.get(execution_id), None, None)
 
     async def _announce(self, execution_id: str) -> None:
         self.notify_released(execution_id)
@@ -396,7 +400,7 @@ class Holds:
                 # up is given up on too: the holder must hear in time.
                 with trio.move_on_at(self._give_up_at(kept)):
                     try:
-                        result = await self._locks.extend(
+                        status = await self._locks.extend(
                             kept.execution_id, kept.worker_id, kept.ttl
                         )
                     except RemoteError as exc:
@@ -410,8 +414,8 @@ class Holds:
                             failures=failures,
                         )
                         continue
-                    if not result["extended"]:
-                        self._lose(kept, result["status"])
+                    if status is not LockStatus.EXTENDED:
+                        self._lose(kept, status.value)
                         return
                     if failures:
                         log.info(
@@ -442,9 +446,9 @@ class Holds:
         for execution_id, worker_id in sorted(self._sessions.pop(session_id, ())):
             self._forget(execution_id, worker_id)
             try:
-                result = await self._locks.release(execution_id, worker_id)
+                status = await self._locks.release(execution_id, worker_id)
             except RemoteError as exc:
                 log.warning("keepalive release failed", error=exc.code)
                 continue
-            if result["released"]:
+            if status is LockStatus.RELEASED:
                 await self._announce(execution_id)

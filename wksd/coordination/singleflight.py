@@ -42,6 +42,7 @@ import hashlib
 import secrets
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from typing import Any, Final
 
@@ -56,7 +57,7 @@ from ..keys import KeySpace
 from ..session import Later, Session
 from ..store.base import Store
 
-__all__ = ["SingleFlight"]
+__all__ = ["LeaseAnswer", "LeaseStatus", "SingleFlight"]
 
 log = structlog.get_logger("wksd.cache")
 
@@ -76,7 +77,33 @@ MAX_LEASE_WAITS_PER_CONNECTION: Final = 100
 #: values of one key never share a fingerprint by chance.
 FINGERPRINT_BYTES: Final = 16
 
-_TIMEOUT: Final = {"status": "timeout"}
+
+class LeaseStatus(StrEnum):
+    """What a ``cache.lease`` found (docs/protocol-extensions.md)."""
+
+    #: The value, fresh.
+    HIT = "hit"
+    #: The value, past its ttl but within its stale_ttl; perhaps a token to refresh it.
+    STALE = "stale"
+    #: No value: the caller computes it, and fills or abandons with the token.
+    LEASE = "lease"
+    #: Another caller computes it, and the wait ran out first.
+    TIMEOUT = "timeout"
+    #: The caller computing it abandoned it, with this error.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAnswer:
+    """The answer to a ``cache.lease``; the fields its status has are set."""
+
+    status: LeaseStatus
+    value: Any = None
+    token: str | None = None
+    error: str | None = None
+
+
+_TIMEOUT: Final = LeaseAnswer(LeaseStatus.TIMEOUT)
 
 
 @dataclass(eq=False)
@@ -84,15 +111,17 @@ class _Flight:
     token: str | None  # None: another daemon holds the lease
     holder: Session | None
     expires: float  # trio time when the lease runs out
-    waiters: deque[_Waiter] = field(default_factory=deque)
+    waiters: deque[_LeaseWait] = field(default_factory=deque)
 
 
 @dataclass(eq=False)
-class _Waiter:
+class _LeaseWait:
+    """A ``cache.lease`` waiting in a flight for its value (or to compute it)."""
+
     session: Session
     lease_ttl: float
     flight: _Flight | None = None
-    outcome: dict[str, Any] | None = None
+    outcome: LeaseAnswer | None = None
     wake: trio.Event = field(default_factory=trio.Event)
 
 
@@ -116,50 +145,52 @@ class SingleFlight:
     # -- the methods ---------------------------------------------------------------
     async def lease(
         self, session: Session, key: str, lease_ttl: float, wait: float
-    ) -> dict[str, Any] | Later:
+    ) -> LeaseAnswer | Later:
         if wait > 0 and self._waits.get(session.id, 0) >= MAX_LEASE_WAITS_PER_CONNECTION:
             raise Full(
                 f"this connection already has {MAX_LEASE_WAITS_PER_CONNECTION} cache.lease"
                 " calls waiting (MAX_LEASE_WAITS_PER_CONNECTION); wait for one to end"
             )
         answer = await self._ask(session, key, lease_ttl)
-        if isinstance(answer, dict):
+        if isinstance(answer, LeaseAnswer):
             return answer
         if wait <= 0:
             if answer.flight is not None:
                 _leave(answer.flight, answer)
-            return dict(_TIMEOUT)
+            return _TIMEOUT
         self._waits[session.id] = self._waits.get(session.id, 0) + 1
         deadline = trio.current_time() + wait
-        return Later(partial(self._wait, key, answer, deadline), partial(dict, _TIMEOUT))
+        return Later(partial(self._wait, key, answer, deadline), lambda: _TIMEOUT)
 
     async def fill(
         self, session: Session, key: str, token: str, value: Any, ttl: float, stale_ttl: float
-    ) -> dict[str, Any]:
+    ) -> bool:
+        """Cache ``value``; True when ``token`` held the lease (the value is
+        cached either way, and the waiters here get it)."""
         raw = encode(value, "cache value")
         fresh_ms, stale_ms = ttl_ms(ttl), (ttl_ms(stale_ttl) if stale_ttl > 0 else 0)
         meta = None
         if stale_ms:
             meta = b"%d %s" % (now_ms(self._clock) + fresh_ms, _fingerprint(raw))
-        await self._store.cache_fill(self._keys, key, raw, fresh_ms + stale_ms, meta)
+        await self._store.cache_fill(key, raw, fresh_ms + stale_ms, meta)
         flight = self._flights.get(key)
         ours = flight is not None and flight.token == token
         if flight is not None:  # whoever computed it, waiters here can have it
-            self._finish(key, flight, {"status": "hit", "value": decode(raw)})
+            self._finish(key, flight, LeaseAnswer(LeaseStatus.HIT, decode(raw)))
         await self._end_lease(key, token)
-        return {"filled": ours}
+        return ours
 
-    async def abandon(
-        self, session: Session, key: str, token: str, error: str | None
-    ) -> dict[str, Any]:
+    async def abandon(self, session: Session, key: str, token: str, error: str | None) -> bool:
+        """End the flight ``token`` leads with ``error`` for its waiters; True
+        when it did (False: no such flight, or another's)."""
         flight = self._flights.get(key)
         ours = flight is not None and flight.token == token
         if ours:
             assert flight is not None
             message = error or "the computation failed"
-            self._finish(key, flight, {"status": "failed", "error": message})
+            self._finish(key, flight, LeaseAnswer(LeaseStatus.FAILED, error=message))
         await self._end_lease(key, token)
-        return {"abandoned": ours}
+        return ours
 
     def on_message(self, message: bytes) -> None:
         """Another daemon filled or abandoned a key (pub/sub): waiters look again."""
@@ -169,7 +200,7 @@ class SingleFlight:
                 waiter.wake.set()
 
     # -- flights -------------------------------------------------------------------------
-    async def _ask(self, session: Session, key: str, lease_ttl: float) -> dict[str, Any] | _Waiter:
+    async def _ask(self, session: Session, key: str, lease_ttl: float) -> LeaseAnswer | _LeaseWait:
         """An answer now, or the waiter this caller became in a flight."""
         while True:
             value, stale = await self._lookup(key)
@@ -179,19 +210,19 @@ class SingleFlight:
                 flight = None
             if value is not _MISSING:
                 if not stale:
-                    return {"status": "hit", "value": value}
+                    return LeaseAnswer(LeaseStatus.HIT, value)
                 refresh = None
                 if flight is None:
                     refresh = await self._start(session, key, lease_ttl, wait_remote=False)
-                return {"status": "stale", "value": value, "token": refresh}
+                return LeaseAnswer(LeaseStatus.STALE, value, refresh)
             if flight is None:
                 token = await self._start(session, key, lease_ttl)
                 if token is not None:
-                    return {"status": "lease", "token": token}
+                    return LeaseAnswer(LeaseStatus.LEASE, token=token)
                 flight = self._flights.get(key)
                 if flight is None:
                     continue  # it ended while we asked Redis: look again
-            waiter = _Waiter(session, lease_ttl, flight)
+            waiter = _LeaseWait(session, lease_ttl, flight)
             flight.waiters.append(waiter)
             return waiter
 
@@ -225,7 +256,7 @@ class SingleFlight:
         self._held[session.id].add(key)
         return token
 
-    async def _wait(self, key: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+    async def _wait(self, key: str, waiter: _LeaseWait, deadline: float) -> LeaseAnswer:
         try:
             return await self._wait_in_flight(key, waiter, deadline)
         finally:
@@ -234,7 +265,7 @@ class SingleFlight:
             if not self._waits[session_id]:
                 del self._waits[session_id]
 
-    async def _wait_in_flight(self, key: str, waiter: _Waiter, deadline: float) -> dict[str, Any]:
+    async def _wait_in_flight(self, key: str, waiter: _LeaseWait, deadline: float) -> LeaseAnswer:
         try:
             while True:
                 if waiter.outcome is not None:
@@ -243,13 +274,13 @@ class SingleFlight:
                 if flight is None or self._flights.get(key) is not flight:
                     # The flight ended without a value: ask again (and maybe compute).
                     answer = await self._ask(waiter.session, key, waiter.lease_ttl)
-                    if isinstance(answer, dict):
+                    if isinstance(answer, LeaseAnswer):
                         return answer
                     waiter = answer
                     continue
                 now = trio.current_time()
                 if now >= deadline:
-                    return dict(_TIMEOUT)
+                    return _TIMEOUT
                 retry_at = min(deadline, flight.expires)
                 looks = flight.holder is None and _first(flight, waiter)
                 if looks:  # another daemon computes; the first waiter looks for it
@@ -263,12 +294,12 @@ class SingleFlight:
                     elif flight.holder is None and _first(flight, waiter):
                         value, _ = await self._lookup(key)
                         if value is not _MISSING and self._flights.get(key) is flight:
-                            self._finish(key, flight, {"status": "hit", "value": value})
+                            self._finish(key, flight, LeaseAnswer(LeaseStatus.HIT, value))
         finally:
             if waiter.flight is not None:
                 _leave(waiter.flight, waiter)
 
-    def _finish(self, key: str, flight: _Flight, outcome: dict[str, Any]) -> None:
+    def _finish(self, key: str, flight: _Flight, outcome: LeaseAnswer) -> None:
         """The flight is over with an outcome for every waiter."""
         self._end(key, flight)
         for waiter in flight.waiters:
@@ -301,7 +332,7 @@ class SingleFlight:
 
     async def _lookup(self, key: str) -> tuple[Any, bool]:
         """The cached value (or _MISSING), and whether it is stale."""
-        raw, meta = await self._store.cache_lookup(self._keys, key)
+        raw, meta = await self._store.cache_lookup(key)
         if raw is None:
             return _MISSING, False
         fresh_until = _fresh_until(raw, meta)
@@ -312,11 +343,11 @@ class SingleFlight:
 _MISSING: Final[Any] = object()
 
 
-def _first(flight: _Flight, waiter: _Waiter) -> bool:
+def _first(flight: _Flight, waiter: _LeaseWait) -> bool:
     return bool(flight.waiters) and flight.waiters[0] is waiter
 
 
-def _leave(flight: _Flight, waiter: _Waiter) -> None:
+def _leave(flight: _Flight, waiter: _LeaseWait) -> None:
     """``waiter`` leaves ``flight``; if it was the one looking for a remote
     value, the next waiter looks from now on."""
     waiters = flight.waiters

@@ -4,7 +4,13 @@ Every change is read, compute, then ``swap_workflow``: a compare-and-set of
 the state with its active-set and finished-index entries, retried when
 another writer got there first. Two concurrent updates through any number of
 daemons therefore never lose one another. ``stats`` and ``active_detailed``
-read everything in one ``workflow_snapshot`` (one Redis round trip).
+read everything in one ``workflow_snapshot`` (one Redis round trip). A lost
+compare-and-set waits a moment through the ``sleep`` it is given (the
+daemon's ``trio.sleep``), so this module needs no event loop of its own.
+
+A state is answered as the document it is stored as (the seed's camelCase
+JSON map); the counts are typed (``WorkflowStats``, ``Cleanup``) and become
+wire maps in the method table. ``WorkflowStatus`` names the five statuses.
 
 Progress is computed as the seed computes it, ``Math.round((completed /
 total) * 100)`` in IEEE doubles (``js_progress``: 23 of 40 is 57, since the
@@ -34,9 +40,8 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Final
-
-import trio
 
 from clientlib.errors import BadRequest, Conflict, InternalError, NotFound, WksError
 
@@ -45,13 +50,40 @@ from ..keys import KeySpace
 from ..store.base import Store, WorkflowSwap
 from .values import MAX_SAFE_INTEGER, MAX_STATE_BYTES, decode, encode
 
-__all__ = ["FINISHED", "STALE_ERROR", "STATUSES", "Workflows", "js_progress", "js_round"]
+__all__ = [
+    "FINISHED",
+    "STALE_ERROR",
+    "Cleanup",
+    "WorkflowStats",
+    "WorkflowStatus",
+    "Workflows",
+    "js_progress",
+    "js_round",
+    "running_ttl_ms",
+]
 
-STATUSES: Final = ("pending", "running", "completed", "failed", "cancelled")
-FINISHED: Final = frozenset({"completed", "failed", "cancelled"})
+
+class WorkflowStatus(StrEnum):
+    """A state's ``status``, the five names DESIGN section 3.1 gives."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+#: The statuses ``workflow.complete`` may set; a run in one of them is over.
+FINISHED: Final = frozenset(
+    {WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED}
+)
 
 #: How long a finished state is kept (DESIGN section 4).
-RETENTION_MS: Final = {"completed": 7_200_000, "failed": 3_600_000, "cancelled": 3_600_000}
+RETENTION_MS: Final = {
+    WorkflowStatus.COMPLETED: 7_200_000,
+    WorkflowStatus.FAILED: 3_600_000,
+    WorkflowStatus.CANCELLED: 3_600_000,
+}
 MAX_RETENTION_MS: Final = max(RETENTION_MS.values())
 
 STALE_ERROR: Final = "Workflow timed out or became unresponsive"
@@ -66,6 +98,26 @@ MAX_SWAP_ATTEMPTS: Final = 32
 #: lockstep. The waits add up to about a second at most.
 SWAP_BACKOFF_BASE: Final = 0.0005
 SWAP_BACKOFF_CAP: Final = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStats:
+    """``workflow.stats``: states that exist in the active set, every run by
+    status (finished ones within their retention), and the mean progress of
+    the active ones (rounded as JavaScript rounds)."""
+
+    active_executions: int
+    by_status: dict[WorkflowStatus, int]
+    average_progress: int
+
+
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """``workflow.cleanup``: active-set entries cleaned (gone, finished or
+    stale), and entries it could not clean (a state not a map, a store error)."""
+
+    cleaned: int
+    errors: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +171,13 @@ def _read_state(raw: bytes | None) -> _Current:
     return state if isinstance(state, dict) else _UNREADABLE
 
 
-def _status(state: Any) -> str | None:
+def _status(state: Any) -> WorkflowStatus | None:
     """The state's status when it is one of the five, else None."""
     status = state.get("status") if isinstance(state, dict) else None
-    return status if isinstance(status, str) and status in STATUSES else None
+    try:
+        return WorkflowStatus(status) if isinstance(status, str) else None
+    except ValueError:  # a name of another program's
+        return None
 
 
 def _is_finished(state: dict[str, Any]) -> bool:
@@ -147,20 +202,42 @@ def _merged(base: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return {**(base if isinstance(base, dict) else {}), **extra}
 
 
+def running_ttl_ms(stale_after: float) -> int:
+    """The TTL of a running state whose run is stale after ``stale_after`` seconds.
+
+    A running state outlives the stale threshold, so a stuck run is found and
+    marked failed by cleanup instead of silently expiring (the seed's TTL
+    equalled the threshold). Twice leaves room for any cleanup interval up to
+    the threshold itself.
+    """
+    return 2 * int(stale_after * 1000)
+
+
+#: Told of every change, with its event type (started, progress, completed,
+#: failed, cancelled, stale) and the new state.
+OnChange = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
 class Workflows:
-    def __init__(self, store: Store, keys: KeySpace, clock: Clock, *, stale_after: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeySpace,
+        clock: Clock,
+        *,
+        stale_after: float,
+        sleep: Callable[[float], Awaitable[None]],
+        on_change: OnChange | None = None,
+    ) -> None:
+        """``sleep(seconds)`` waits between compare-and-set attempts (``trio.sleep``
+        in the daemon); ``on_change`` is told of every change."""
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._sleep = sleep
+        self._on_change = on_change
         self.stale_after_ms = int(stale_after * 1000)
-        #: Told of every change, with its event type (started, progress,
-        #: completed, failed, cancelled, stale) and the new state.
-        self.on_change: Callable[[str, dict[str, Any]], Awaitable[None]] | None = None
-        # A running state outlives the stale threshold, so a stuck run is
-        # found and marked failed by cleanup instead of silently expiring
-        # (the seed's TTL equalled the threshold). Twice leaves room for any
-        # cleanup interval up to the threshold itself.
-        self.running_ttl_ms = 2 * self.stale_after_ms
+        self.running_ttl_ms = running_ttl_ms(stale_after)
 
     # -- the methods ---------------------------------------------------------
     async def start(
@@ -174,7 +251,7 @@ class Workflows:
             state = {
                 "executionId": execution_id,
                 "workflowId": workflow_id,
-                "status": "running",
+                "status": WorkflowStatus.RUNNING,
                 "progress": 0,
                 "currentStep": "initializing",
                 "totalSteps": total_steps,
@@ -208,7 +285,7 @@ class Workflows:
             if data is not None:
                 state["data"] = _encode_checked(_merged(state.get("data"), data))
             state.update(
-                status="running",
+                status=WorkflowStatus.RUNNING,
                 completedSteps=completed_steps,
                 currentStep=current_step,
                 progress=js_progress(completed_steps, total),
@@ -228,7 +305,7 @@ class Workflows:
     async def complete(
         self,
         execution_id: str,
-        status: str,
+        status: WorkflowStatus,
         error: str | None,
         final_data: dict[str, Any] | None,
     ) -> dict[str, Any]:
@@ -238,7 +315,7 @@ class Workflows:
             if final_data is not None:
                 state["data"] = _encode_checked(_merged(state.get("data"), final_data))
             state.update(status=status, updatedAt=now, completedAt=now)
-            if status == "completed":
+            if status == WorkflowStatus.COMPLETED:
                 state["progress"] = 100
             if error is not None:
                 state["error"] = error
@@ -250,20 +327,20 @@ class Workflows:
         raw = await self._store.get(self._keys.workflow(execution_id))
         return None if raw is None else decode(raw)
 
-    async def active(self) -> dict[str, Any]:
-        ids = await self._store.members(self._keys.active)
-        return {"activeExecutions": ids, "count": len(ids)}
+    async def active(self) -> list[str]:
+        """The ids in the active set, sorted."""
+        return await self._store.members(self._keys.active)
 
-    async def active_detailed(self) -> dict[str, Any]:
-        snapshot = await self._store.workflow_snapshot(self._keys, None)
+    async def active_detailed(self) -> list[dict[str, Any]]:
+        """The readable states of the ids in the active set."""
+        snapshot = await self._store.workflow_snapshot(None)
         states = [_decoded(raw) for _, raw in snapshot.active if raw is not None]
-        workflows = [state for state in states if state is not None]
-        return {"workflows": workflows, "count": len(workflows)}
+        return [state for state in states if state is not None]
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> WorkflowStats:
         now = now_ms(self._clock)
-        snapshot = await self._store.workflow_snapshot(self._keys, now - MAX_RETENTION_MS)
-        by_status = dict.fromkeys(STATUSES, 0)
+        snapshot = await self._store.workflow_snapshot(now - MAX_RETENTION_MS)
+        by_status = dict.fromkeys(WorkflowStatus, 0)
         seen: set[str] = set()
         progress: list[float] = []
         existing = 0
@@ -290,27 +367,23 @@ class Workflows:
             by_status[status] += 1
         # Math.round(total / count), as the seed averages.
         average = js_round(sum(progress) / len(progress)) if progress else 0
-        return {
-            "activeExecutions": existing,
-            "executionsByStatus": by_status,
-            "averageProgress": average or 0,
-        }
+        return WorkflowStats(existing, by_status, average or 0)
 
-    async def cleanup(self) -> dict[str, int]:
+    async def cleanup(self) -> Cleanup:
         """Prune the active set and fail stale runs; counts of each outcome."""
         now = now_ms(self._clock)
-        snapshot = await self._store.workflow_snapshot(self._keys, None)
+        snapshot = await self._store.workflow_snapshot(None)
         cleaned = errors = 0
         for execution_id, raw in snapshot.active:
             try:
                 swap = self._cleanup_swap(execution_id, raw, now)
-                if swap is not None and await self._store.swap_workflow(self._keys, swap):
+                if swap is not None and await self._store.swap_workflow(swap):
                     cleaned += 1
                     if swap.new is not None:  # a stale run, now failed
                         await self._announce("stale", decode(swap.new))
             except WksError:
                 errors += 1
-        return {"cleaned": cleaned, "errors": errors}
+        return Cleanup(cleaned, errors)
 
     # -- internals -----------------------------------------------------------
     def _cleanup_swap(self, execution_id: str, raw: bytes | None, now: int) -> WorkflowSwap | None:
@@ -329,6 +402,8 @@ class Workflows:
                 active=False,
                 finished_at=finished_at,
                 retain_since=now - MAX_RETENTION_MS,
+                updated_at=_ms(state.get("updatedAt")) or 0,
+                finished=True,
             )
         updated = _ms(state.get("updatedAt"))
         if updated is None:
@@ -337,20 +412,24 @@ class Workflows:
             return None
         state = dict(state)
         state.pop("estimatedCompletion", None)
-        state.update(status="failed", error=STALE_ERROR, updatedAt=now, completedAt=now)
+        state.update(
+            status=WorkflowStatus.FAILED, error=STALE_ERROR, updatedAt=now, completedAt=now
+        )
         return WorkflowSwap(
             execution_id,
             raw,
             encode(state, "state", MAX_STATE_BYTES),
-            RETENTION_MS["failed"],
+            RETENTION_MS[WorkflowStatus.FAILED],
             active=False,
             finished_at=now,
             retain_since=now - MAX_RETENTION_MS,
+            updated_at=now,
+            finished=True,
         )
 
     async def _announce(self, kind: str, state: dict[str, Any]) -> None:
-        if self.on_change is not None:
-            await self.on_change(kind, state)
+        if self._on_change is not None:
+            await self._on_change(kind, state)
 
     @staticmethod
     def _existing(execution_id: str, current: _Current) -> dict[str, Any]:
@@ -383,12 +462,14 @@ class Workflows:
                 active=decision.active,
                 finished_at=decision.finished_at,
                 retain_since=now_ms(self._clock) - MAX_RETENTION_MS,
+                updated_at=_ms(decision.state.get("updatedAt")) or 0,
+                finished=_is_finished(decision.state),
             )
-            if await self._store.swap_workflow(self._keys, swap):
+            if await self._store.swap_workflow(swap):
                 await self._announce(kind(decision.state), decision.state)
                 return decision.state
             cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2**attempt)
-            await trio.sleep(random.uniform(0, cap))
+            await self._sleep(random.uniform(0, cap))
         raise Conflict(f"workflow {execution_id} kept changing under us; try again")
 
 
