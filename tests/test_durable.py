@@ -62,10 +62,10 @@ async def fill(memory: MemoryStore) -> None:
     await memory.delete("wks:session:gone")
     await memory.set("wks:cache:api:h", b"[1,2]", None)
     await memory.expire("wks:cache:api:h", 5_000)
-    await memory.lock_acquire(KEYS, "e1", "w1", 30_000)
-    await memory.lock_acquire(KEYS, "e2", "w2", 30_000)
-    await memory.lock_release(KEYS, "e2", "w2")
-    await memory.record_event(KEYS, "e1", b'{"type":"x"}', 1, 60_000)
+    await memory.lock_acquire("e1", "w1", 30_000)
+    await memory.lock_acquire("e2", "w2", 30_000)
+    await memory.lock_release("e2", "w2")
+    await memory.record_event("e1", b'{"type":"x"}', 1, 60_000)
 
 
 async def test_every_change_survives_a_crash(tmp_path: Path, clock: ManualClock) -> None:
@@ -80,7 +80,7 @@ async def test_every_change_survives_a_crash(tmp_path: Path, clock: ManualClock)
     assert (await copy.get_with_ttl("wks:cache:api:h"))[1] == 5_000
     assert await copy.get(KEYS.lock("e1")) == b"w1"
     assert await copy.get(KEYS.lock("e2")) is None
-    assert await copy.read_events(KEYS, "e1", 0, 10) == [b'{"type":"x"}']
+    assert await copy.read_events("e1", 0, 10) == [b'{"type":"x"}']
 
 
 async def test_fencing_tokens_never_repeat_after_a_restart(
@@ -88,12 +88,12 @@ async def test_fencing_tokens_never_repeat_after_a_restart(
 ) -> None:
     """The counter is journaled as its value: tokens go on growing after a replay."""
     memory = open_store(tmp_path, clock)
-    first = await memory.lock_acquire(KEYS, "e1", "w1", 1_000)
+    first = await memory.lock_acquire("e1", "w1", 1_000)
     log_of(memory).flush()
     log_of(memory).close()
     clock.advance(2)  # the lock expired while the daemon was down
     copy = open_store(tmp_path, clock)
-    second = await copy.lock_acquire(KEYS, "e1", "w2", 1_000)
+    second = await copy.lock_acquire("e1", "w2", 1_000)
     assert first.token is not None and second.token is not None
     assert second.token > first.token
 
@@ -323,9 +323,9 @@ async def test_a_failed_write_is_not_acknowledged(
 async def test_keepalive_locks_end_with_the_daemon(tmp_path: Path, clock: ManualClock) -> None:
     """A lock marked volatile is gone after a restart; a plain lock stays."""
     memory = open_store(tmp_path, clock)
-    await memory.lock_acquire(KEYS, "kept", "w1", 30_000)
+    await memory.lock_acquire("kept", "w1", 30_000)
     memory.mark_volatile(KEYS.lock("kept"))
-    await memory.lock_acquire(KEYS, "plain", "w1", 30_000)
+    await memory.lock_acquire("plain", "w1", 30_000)
     log_of(memory).flush()
     copy = replayed(tmp_path, clock)
     assert await copy.get(KEYS.lock("kept")) is None

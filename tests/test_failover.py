@@ -19,8 +19,9 @@ from wksd.clock import ManualClock
 from wksd.domain import Documents, Locks, Workflows
 from wksd.keys import KeySpace
 from wksd.metrics import Metrics
-from wksd.store.failover import FailoverStore, Journal
+from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
+from wksd.store.reconcile import Journal
 from wksd.store.redis_target import RedisTarget
 
 from .proxy import Proxy
@@ -66,13 +67,15 @@ async def make_host(
 ) -> Host:
     clock = ManualClock()
     memory = MemoryStore(
-        clock=clock, max_keys=max_keys, evictable=lambda key: key.startswith(KEYS.cache_prefix)
+        keys=KEYS,
+        clock=clock,
+        max_keys=max_keys,
+        evictable=lambda key: key.startswith(KEYS.cache_prefix),
     )
     metrics = Metrics()
     store = FailoverStore(
         memory,
         RedisTarget(port=port),
-        KEYS,
         metrics,
         timeout=TIMEOUT,
         backoff_max=0.2,
@@ -87,7 +90,7 @@ async def make_host(
         metrics,
         clock,
         Documents(store, KEYS.session, "session"),
-        Workflows(store, KEYS, clock, stale_after=3600),
+        Workflows(store, KEYS, clock, stale_after=3600, sleep=trio.sleep),
         Locks(store, KEYS, clock),
     )
 
@@ -107,7 +110,7 @@ async def test_this_hosts_writes_are_known_during_an_outage(host: Host, proxy: P
     state = await host.workflows.update("e1", 1, "step", None)  # no NOT_FOUND
     assert state["progress"] == 25
     refused = await host.locks.acquire("e1", "worker-2", 60)
-    assert not refused["acquired"] and refused["workerId"] == "worker-1"
+    assert not refused.acquired and refused.holder == "worker-1"
 
 
 async def test_outage_writes_are_written_back(
@@ -131,8 +134,8 @@ async def test_outage_writes_are_written_back(
         assert json.loads(direct.get("wks:workflow:e1"))["progress"] == 50
         assert direct.smembers("wks:executions:active") == {b"e1"}
         assert direct.get("wks:lock:execution:e2") == b"worker-1"
-        assert direct.get("wks:lock:token:e2") == b"%d:worker-1" % lock["fencingToken"]
-        assert int(direct.get("wks:lock:fencing")) >= lock["fencingToken"]
+        assert direct.get("wks:lock:token:e2") == b"%d:worker-1" % lock.token
+        assert int(direct.get("wks:lock:fencing")) >= lock.token
     assert host.store.pending_writes == 0
     assert 'wksd_reconciled_keys_total{outcome="written"}' in host.metrics.render()
 
@@ -182,13 +185,13 @@ async def test_lock_taken_elsewhere_during_the_outage_stays_theirs(
 ) -> None:
     """Both sides granted the lock: Redis's holder keeps it; ours finds it is not the owner."""
     await host.outage(proxy)
-    assert (await host.locks.acquire("e1", "ours", 60))["acquired"]
+    assert (await host.locks.acquire("e1", "ours", 60)).acquired
     with redis_server.client() as direct:
         direct.set("wks:lock:execution:e1", "theirs", px=60_000)
     await host.recovered(proxy)
     with redis_server.client() as direct:
         assert direct.get("wks:lock:execution:e1") == b"theirs"
-    assert (await host.locks.extend("e1", "ours", 60))["status"] == "not_owner"
+    assert await host.locks.extend("e1", "ours", 60) == "not_owner"
     assert 'wksd_reconciled_keys_total{outcome="conflict"} 1.0' in host.metrics.render()
 
 
@@ -198,7 +201,7 @@ async def test_lock_released_during_the_outage_is_released_in_redis(
     """A release made in memory frees the lock in Redis too, if the owner still holds it."""
     await host.locks.acquire("e1", "w1", 60)
     await host.outage(proxy)
-    assert (await host.locks.release("e1", "w1"))["released"]
+    assert await host.locks.release("e1", "w1") == "released"
     await host.recovered(proxy)
     with redis_server.client() as direct:
         assert direct.get("wks:lock:execution:e1") is None
@@ -206,11 +209,11 @@ async def test_lock_released_during_the_outage_is_released_in_redis(
 
 async def test_fencing_tokens_never_go_back(host: Host, proxy: Proxy) -> None:
     """Tokens issued in memory are above Redis's, and Redis's counter is raised past them."""
-    first = (await host.locks.acquire("e1", "w", 60))["fencingToken"]
+    first = (await host.locks.acquire("e1", "w", 60)).token
     await host.outage(proxy)
-    during = [(await host.locks.acquire(f"o{i}", "w", 60))["fencingToken"] for i in range(3)]
+    during = [(await host.locks.acquire(f"o{i}", "w", 60)).token for i in range(3)]
     await host.recovered(proxy)
-    after = (await host.locks.acquire("e9", "w", 60))["fencingToken"]
+    after = (await host.locks.acquire("e9", "w", 60)).token
     assert first < during[0] < during[1] < during[2] < after
 
 
@@ -244,11 +247,11 @@ async def test_requests_in_flight_when_redis_stalls_all_succeed(host: Host, prox
 async def test_locks_fail_closed_when_asked(proxy: Proxy, nursery: trio.Nursery) -> None:
     """With WKSD_LOCKS_FAIL_CLOSED, lock.acquire during an outage is UNAVAILABLE."""
     host = await make_host(nursery, proxy.port, fail_closed=True)
-    assert (await host.locks.acquire("e1", "w", 60))["acquired"]
+    assert (await host.locks.acquire("e1", "w", 60)).acquired
     await host.outage(proxy)
     with pytest.raises(Unavailable):
         await host.locks.acquire("e2", "w", 60)
-    assert (await host.locks.release("e1", "w"))["released"]
+    assert await host.locks.release("e1", "w") == "released"
 
 
 async def test_locks_fail_closed_when_the_link_breaks_mid_call(
@@ -290,23 +293,40 @@ async def test_requests_at_start_wait_for_the_first_connection(
 ) -> None:
     """A lock taken the moment the daemon starts is taken in Redis, not in memory alone."""
     store = FailoverStore(
-        MemoryStore(), RedisTarget(port=redis_server.port), KEYS, Metrics(), timeout=TIMEOUT
+        MemoryStore(), RedisTarget(port=redis_server.port), Metrics(), timeout=TIMEOUT
     )
     await nursery.start(store.run)  # returns before the connection is made
     assert store.backend == "memory"
-    outcome = await store.lock_acquire(KEYS, "e1", "early", 60_000)
+    outcome = await store.lock_acquire("e1", "early", 60_000)
     assert outcome.acquired and store.pending_writes == 0
     with redis_server.client() as direct:
         assert direct.get("wks:lock:execution:e1") == b"early"
+
+
+async def test_the_failover_serves_its_memory_stores_key_space_in_redis_too(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Given one key space, with the memory store, the failover names Redis's keys by it."""
+    memory = MemoryStore(keys=KeySpace("other:"))
+    store = FailoverStore(memory, RedisTarget(port=redis_server.port), Metrics(), timeout=TIMEOUT)
+    await nursery.start(store.run)
+    with trio.fail_after(10):
+        await store.wait_for_backend("redis")
+    assert store.keys == KeySpace("other:")
+    assert (await store.lock_acquire("e1", "w1", 60_000)).acquired
+    await store.cache_fill("k", b"1", 60_000, None)
+    with redis_server.client() as direct:
+        assert direct.get("other:lock:execution:e1") == b"w1"
+        assert direct.get("other:cache:api:k") == b"1"
+        assert direct.get("wks:lock:execution:e1") is None
+    assert await memory.get("other:lock:execution:e1") == b"w1"  # the mirror, under it too
 
 
 async def test_requests_at_start_fall_back_when_redis_is_down(nursery: trio.Nursery) -> None:
     """With no Redis at all, the first requests are served from memory, without an error."""
     from .redis_server import free_port
 
-    store = FailoverStore(
-        MemoryStore(), RedisTarget(port=free_port()), KEYS, Metrics(), timeout=TIMEOUT
-    )
+    store = FailoverStore(MemoryStore(), RedisTarget(port=free_port()), Metrics(), timeout=TIMEOUT)
     await nursery.start(store.run)
     with trio.fail_after(TIMEOUT * 10):
         await store.set("wks:session:u", b"{}", 60_000)

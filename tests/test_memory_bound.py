@@ -80,13 +80,13 @@ async def test_lock_copies_are_never_evicted(clock: ManualClock) -> None:
     store = bounded(clock, 2, keep_writes=True)
     store.mirror_set(KEYS.session("a"), b"{}", None)
     store.mirror_set(KEYS.session("b"), b"{}", None)
-    store.mirror_lock(KEYS, "e1", "w1", 7, 30_000)
+    store.mirror_lock("e1", "w1", 7, 30_000)
     for index in range(10):
         store.mirror_set(KEYS.session(f"n{index}"), b"{}", None)
-    outcome = await store.lock_acquire(KEYS, "e1", "w2", 30_000)
+    outcome = await store.lock_acquire("e1", "w2", 30_000)
     assert not outcome.acquired and outcome.holder == "w1"
     assert await store.get(KEYS.fencing) == b"7"
-    token = await store.lock_acquire(KEYS, "e1", "w1", 30_000)
+    token = await store.lock_acquire("e1", "w1", 30_000)
     assert token.token == 7
 
 
@@ -96,5 +96,5 @@ async def test_a_mirror_that_finds_no_room_drops_the_stale_copy(clock: ManualClo
     await store.set(KEYS.session("outage"), b"{}", None)
     store.mirror_set(KEYS.session("new"), b"{}", None)
     assert await store.get(KEYS.session("new")) is None
-    store.mirror_workflow(KEYS, WorkflowSwap("e1", None, b"{}", None, active=True))
+    store.mirror_workflow(WorkflowSwap("e1", None, b"{}", None, active=True))
     assert await store.get(KEYS.workflow("e1")) is None

@@ -199,7 +199,7 @@ async def test_full_never_leaves_half_a_lock(clock: ManualClock) -> None:
     store = MemoryStore(clock=clock, max_keys=2)
     await store.set("other", b"v", None)
     with pytest.raises(Full):
-        await store.lock_acquire(KEYS, "e1", "w1", 1000)
+        await store.lock_acquire("e1", "w1", 1000)
     assert await store.get(KEYS.lock("e1")) is None
     assert len(store) == 1
 
@@ -210,23 +210,23 @@ async def test_full_never_leaves_half_a_workflow_swap(clock: ManualClock) -> Non
     await store.set("other", b"v", None)
     swap = WorkflowSwap("e1", None, b"{}", 1000, active=True)
     with pytest.raises(Full):
-        await store.swap_workflow(KEYS, swap)
+        await store.swap_workflow(swap)
     assert await store.members(KEYS.active) == []
     assert await store.get(KEYS.workflow("e1")) is None
 
 
 async def test_emptied_set_is_removed(store: MemoryStore) -> None:
     """Like Redis, a set whose last member leaves no longer counts as a key."""
-    await store.swap_workflow(KEYS, WorkflowSwap("e1", None, b"{}", None, active=True))
+    await store.swap_workflow(WorkflowSwap("e1", None, b"{}", None, active=True))
     assert len(store) == 2
-    await store.swap_workflow(KEYS, WorkflowSwap("e1", b"{}", None, None, active=False))
+    await store.swap_workflow(WorkflowSwap("e1", b"{}", None, None, active=False))
     assert await store.members(KEYS.active) == []
     assert len(store) == 1
 
 
 async def test_wrong_type_is_an_internal_error(store: MemoryStore) -> None:
     """Reading a set as a string is refused, not misread."""
-    await store.swap_workflow(KEYS, WorkflowSwap("e1", None, b"{}", None, active=True))
+    await store.swap_workflow(WorkflowSwap("e1", None, b"{}", None, active=True))
     with pytest.raises(WrongType):
         await store.get(KEYS.active)
 
@@ -259,10 +259,24 @@ async def test_event_histories_stay_within_their_budgets(
     monkeypatch.setattr(memory, "EVENT_BYTES_BUDGET", 10_000)
     event = b"x" * 1000
     for index in range(30):
-        await store.record_event(KEYS, f"e{index % 3}", event, index, 60_000)
+        await store.record_event(f"e{index % 3}", event, index, 60_000)
     assert store._log_bytes <= 10_000 and store._all_bytes <= 10_000
-    assert len(await store.read_events(KEYS, None, -1, 100)) == 10
-    assert len(await store.read_events(KEYS, "e2", -1, 100)) > 0  # the latest execution stays
+    assert len(await store.read_events(None, -1, 100)) == 10
+    assert len(await store.read_events("e2", -1, 100)) > 0  # the latest execution stays
     for index in range(2000):
-        await store.record_event(KEYS, "chatty", b"y", 100 + index, 60_000)
-    assert len(await store.read_events(KEYS, "chatty", -1, 5000)) == memory.EVENTS_PER_EXECUTION
+        await store.record_event("chatty", b"y", 100 + index, 60_000)
+    assert len(await store.read_events("chatty", -1, 5000)) == memory.EVENTS_PER_EXECUTION
+
+
+async def test_composite_steps_name_their_keys_in_the_stores_key_space(clock: ManualClock) -> None:
+    """A memory store built for another prefix puts every key of its composite steps under it."""
+    store = MemoryStore(keys=KeySpace("other:"), clock=clock)
+    assert (await store.lock_acquire("e1", "w1", 1000)).acquired
+    assert await store.swap_workflow(WorkflowSwap("e1", None, b"{}", None, active=True))
+    await store.cache_fill("k", b"1", 1000, b"meta")
+    assert await store.get("other:lock:execution:e1") == b"w1"
+    assert await store.get("other:lock:token:e1") == b"1:w1"
+    assert await store.members("other:executions:active") == ["e1"]
+    assert await store.cache_lookup("k") == (b"1", b"meta")
+    assert await store.get("other:cache:meta:k") == b"meta"
+    assert await store.get_many(["wks:lock:execution:e1", "wks:workflow:e1"]) == [None, None]

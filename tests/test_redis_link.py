@@ -14,6 +14,7 @@ from wksd.metrics import Metrics
 from wksd.store.redis import RedisStore
 from wksd.store.redis_link import LinkDown, RedisLink
 from wksd.store.redis_target import RedisTarget, open_link
+from wksd.store.resp import pack, reply_reader
 
 from .redis_server import RedisServer
 
@@ -176,13 +177,12 @@ async def test_noscript_reloads_the_script(
     redis_server: RedisServer, nursery: trio.Nursery
 ) -> None:
     """After SCRIPT FLUSH, the next scripted step loads its script again and succeeds."""
-    store = RedisStore(await connect(redis_server, nursery))
+    store = RedisStore(await connect(redis_server, nursery), KeySpace("wks:"))
     await store.load_scripts()
-    keys = KeySpace("wks:")
-    assert (await store.lock_acquire(keys, "e1", "w1", 10_000)).acquired
+    assert (await store.lock_acquire("e1", "w1", 10_000)).acquired
     with redis_server.client() as direct:
         direct.script_flush()
-    assert (await store.lock_release(keys, "e1", "w1")) == "released"
+    assert (await store.lock_release("e1", "w1")) == "released"
 
 
 async def test_handshake_names_the_connection_and_selects_the_db(
@@ -248,3 +248,24 @@ async def test_commands_are_counted(redis_server: RedisServer, nursery: trio.Nur
     rendered = metrics.render()
     assert 'redis_commands_total{command="GET"} 1.0' in rendered
     assert 'redis_commands_failed_total{command="LPUSH"} 1.0' in rendered
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 16])
+def test_error_replies_come_out_as_redis_pys_exception_classes(chunk: int) -> None:
+    """The RESP reader gives replies whole, fed byte by byte or at once; an error reply
+    is the class redis-py raises for it, and bytes that are no RESP raise InvalidResponse."""
+    from redis.exceptions import InvalidResponse, NoScriptError, ReadOnlyError
+
+    wire = b"+OK\r\n-NOSCRIPT No matching script\r\n-READONLY replica\r\n*1\r\n$1\r\nx\r\n"
+    reader, replies = reply_reader(), []
+    for start in range(0, len(wire), chunk):
+        reader.feed(wire[start : start + chunk])
+        while (reply := reader.gets()) is not False:
+            replies.append(reply)
+    assert replies[0] == b"OK" and replies[3] == [b"x"]
+    assert type(replies[1]) is NoScriptError and type(replies[2]) is ReadOnlyError
+    garbage = reply_reader()
+    garbage.feed(b"?what\r\n")
+    with pytest.raises(InvalidResponse):
+        garbage.gets()
+    assert b"".join(pack("SET", "k", b"v")) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"

@@ -57,7 +57,7 @@ async def test_a_failing_cleanup_does_not_end_the_cleanup_task(
             raise KeyError("a bug in the cleanup")
         return {"cleaned": 0, "errors": 0}
 
-    monkeypatch.setattr(daemon, "_cleanup", cleanup)
+    monkeypatch.setattr(daemon, "cleanup", cleanup)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(daemon._cleanup_forever)
         await trio.sleep(35)

@@ -9,6 +9,7 @@ success into an error, fail-closed lock extension and the journal's ops.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -16,10 +17,14 @@ import pytest
 import trio
 
 from clientlib.errors import Unavailable
+from wksd.clock import ManualClock
 from wksd.keys import KeySpace
 from wksd.metrics import Metrics
-from wksd.store.failover import FailoverStore, Journal
+from wksd.store.base import WorkflowStamp, WorkflowSwap
+from wksd.store.durable import DurableLog
+from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
+from wksd.store.reconcile import Journal
 from wksd.store.redis_target import RedisTarget
 
 from .proxy import Proxy
@@ -83,6 +88,64 @@ async def test_finished_outage_state_still_replaces_a_running_one(
     await host.workflows.complete("e1", "failed", "boom", None)
     await host.recovered(proxy)
     assert redis_json(redis_server, "wks:workflow:e1")["status"] == "failed"
+
+
+async def test_the_write_back_compares_the_stamp_the_writer_gave(
+    host: Host, proxy: Proxy, redis_server: RedisServer
+) -> None:
+    """The rules compare what the swap's writer said of its state, never what the
+    state's JSON says: a state claiming an old updatedAt, stamped newer, goes back."""
+    theirs = {"status": "running", "updatedAt": 2000}
+    with redis_server.client() as direct:
+        direct.set("wks:workflow:e1", json.dumps(theirs), px=60_000)
+    await host.outage(proxy)
+    ours = json.dumps({"status": "running", "updatedAt": 1}).encode()
+    stamped = WorkflowSwap("e1", None, ours, 60_000, active=True, updated_at=3000)
+    assert await host.store.swap_workflow(stamped)
+    await host.recovered(proxy)
+    with redis_server.client() as direct:
+        assert direct.get("wks:workflow:e1") == ours
+        assert direct.smembers("wks:executions:active") == {b"e1"}
+
+
+async def test_a_journal_from_before_stamps_goes_back_by_the_same_rules(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A state directory whose outage journal has no stamps (a wksd before them wrote
+    it) replays, and its workflows go back by the rules, read from the states."""
+    clock, stale = ManualClock(), {"status": "running", "updatedAt": 2000}
+    outage = {  # id: (ours, theirs)
+        "newer": ({"status": "completed", "updatedAt": 3000, "completedAt": 2500}, stale),
+        "older": ({"status": "running", "updatedAt": 1000}, stale),
+        "ended": ({"status": "running", "updatedAt": 3000}, {**stale, "status": "failed"}),
+    }
+    log = DurableLog(tmp_path)
+    old = MemoryStore(clock=clock, log=log, keep_writes=True)
+    old.load(log.open())
+    for execution_id, (ours, _) in outage.items():
+        raw, running = json.dumps(ours).encode(), ours["status"] == "running"
+        assert await old.swap_workflow(WorkflowSwap(execution_id, None, raw, 60_000, running))
+        old.record(["jn", "workflow", execution_id])  # all a wksd before stamps journaled
+    log.flush()
+    log.close()
+    with redis_server.client() as direct:
+        for execution_id, (_, theirs) in outage.items():
+            direct.set(f"wks:workflow:{execution_id}", json.dumps(theirs), px=60_000)
+    log = DurableLog(tmp_path)
+    memory = MemoryStore(clock=clock, log=log, keep_writes=True)
+    memory.load(log.open())
+    store = FailoverStore(memory, RedisTarget(port=redis_server.port), Metrics(), timeout=5.0)
+    assert store.pending_writes == 3
+    await nursery.start(store.run)
+    with trio.fail_after(10):
+        await store.wait_for_backend("redis")
+    assert redis_json(redis_server, "wks:workflow:newer") == outage["newer"][0]
+    assert redis_json(redis_server, "wks:workflow:older") == stale
+    assert redis_json(redis_server, "wks:workflow:ended") == outage["ended"][1]
+    with redis_server.client() as direct:
+        assert direct.zscore("wks:executions:finished", "newer") == 2500
+    assert store.pending_writes == 0
+    log.close()
 
 
 # -- sessions, cache entries, deletes ------------------------------------------
@@ -161,7 +224,7 @@ async def test_a_fault_in_the_write_back_is_retried(
 ) -> None:
     """A ValueError in _restore is logged, counted and retried; memory serves meanwhile."""
     store = host.store
-    original = store._restore
+    original = store._reconciler._restore
     failed = trio.Event()
 
     async def faulty(*args: Any) -> Any:
@@ -170,7 +233,7 @@ async def test_a_fault_in_the_write_back_is_retried(
             raise ValueError("injected")
         return await original(*args)
 
-    monkeypatch.setattr(store, "_restore", faulty)
+    monkeypatch.setattr(store._reconciler, "_restore", faulty)
     await host.outage(proxy)
     await host.sessions.set("u1", {"v": "ours"}, 60)
     proxy.restore()
@@ -202,7 +265,7 @@ async def test_a_failing_mirror_never_turns_a_redis_success_into_an_error(
         monkeypatch.setattr(host.memory, name, broken)
     assert await host.sessions.set("u1", {"v": 2}, 60) is True
     await host.workflows.start("e1", "w", 2, {})
-    assert (await host.locks.acquire("e1", "w", 60))["acquired"]
+    assert (await host.locks.acquire("e1", "w", 60)).acquired
     assert redis_json(redis_server, "wks:session:u1") == {"v": 2}
     assert redis_json(redis_server, "wks:workflow:e1")["status"] == "running"
     assert await host.memory.get("wks:session:u1") is None
@@ -215,18 +278,18 @@ async def test_fail_closed_extend_during_an_outage_is_unavailable(
 ) -> None:
     """No extension past Redis's last confirmed expiry; the copy expires then; releases go back."""
     closed = await make_host(nursery, proxy.port, fail_closed=True)
-    assert (await closed.locks.acquire("e1", "w", 60))["acquired"]
-    assert (await closed.locks.acquire("e2", "w", 60))["acquired"]
+    assert (await closed.locks.acquire("e1", "w", 60)).acquired
+    assert (await closed.locks.acquire("e2", "w", 60)).acquired
     closed.clock.advance(30)
-    assert (await closed.locks.extend("e1", "w", 60))["extended"]  # confirmed by Redis: 90 s
+    assert await closed.locks.extend("e1", "w", 60) == "extended"  # confirmed by Redis: 90 s
     await closed.outage(proxy)
     with pytest.raises(Unavailable):
         await closed.locks.extend("e1", "w", 60)
-    assert (await closed.locks.release("e2", "w"))["released"]
+    assert await closed.locks.release("e2", "w") == "released"
     closed.clock.advance(59)
-    assert (await closed.locks.status("e1"))["locked"]
+    assert (await closed.locks.status("e1")).holder is not None
     closed.clock.advance(2)
-    assert not (await closed.locks.status("e1"))["locked"]
+    assert (await closed.locks.status("e1")).holder is None
     await closed.recovered(proxy)
     with redis_server.client() as direct:
         assert direct.get("wks:lock:execution:e2") is None
@@ -235,11 +298,12 @@ async def test_fail_closed_extend_during_an_outage_is_unavailable(
 # -- the journal's ops ----------------------------------------------------------------
 def _journal_state(
     journal: Journal,
-) -> tuple[list[tuple[str, str]], dict[Any, Any], dict[str, str]]:
+) -> tuple[list[tuple[str, str]], dict[Any, Any], dict[str, Any]]:
     entries = [(kind, name) for kind, name, _ in journal.pending()]
     bases = {entry: (journal.base(*entry), journal.alternates(*entry)) for entry in entries}
     owners = {name: journal.owner(name) for kind, name in entries if kind == "lock"}
-    return entries, bases, owners
+    stamps = {name: journal.stamp(name) for kind, name in entries if kind == "workflow"}
+    return entries, bases, {**owners, **stamps}
 
 
 def _busy_journal(ops: list[list[Any]]) -> Journal:
@@ -248,7 +312,11 @@ def _busy_journal(ops: list[list[Any]]) -> Journal:
     journal.note("key", "wks:session:b", None)  # seen absent
     journal.also_seen("key", "wks:session:b", b'{"v":"in flight"}')
     journal.note("key", "wks:session:a", b"ignored: not the first")
+    journal.note_stamp("e1", WorkflowStamp(1, False, None))
     journal.note("workflow", "e1")
+    journal.note_stamp("e3", WorkflowStamp(2, True, 3))
+    journal.note("workflow", "e3")
+    journal.note("workflow", "e4")  # as a journal from before stamps has it
     journal.note_owner("e2", "worker-1")
     journal.note("lock", "e2")
     journal.note("fencing", "wks:lock:fencing")
@@ -259,6 +327,7 @@ def _busy_journal(ops: list[list[Any]]) -> Journal:
     journal.rebase("key", "wks:session:c", b"written back")
     [(_, _, version)] = [p for p in journal.pending() if p[1] == "e1"]
     assert journal.settle("workflow", "e1", version)
+    assert journal.stamp("e1") is None  # settled with its entry
     return journal
 
 
@@ -275,6 +344,8 @@ def test_journal_ops_rebuild_the_same_journal() -> None:
     assert replayed.base("key", "wks:session:a") == b'{"v":1}'
     assert replayed.base("key", "wks:session:c") == b"written back"
     assert replayed.owner("e2") == "worker-1"
+    assert replayed.stamp("e3") == WorkflowStamp(2, True, 3)
+    assert replayed.stamp("e4") is None
     assert replayed.alternates("key", "wks:session:b") == [b'{"v":"in flight"}']
 
 
@@ -305,14 +376,14 @@ def test_failover_store_replays_and_registers_its_journal(
     monkeypatch.setattr(memory, "register_snapshot_source", sources.append)
     recorded: list[list[Any]] = []
     monkeypatch.setattr(memory, "record", recorded.append)
-    store = FailoverStore(memory, RedisTarget(port=free_port()), KEYS, Metrics(), timeout=0.3)
-    assert store.pending_writes == 5
+    store = FailoverStore(memory, RedisTarget(port=free_port()), Metrics(), timeout=0.3)
+    assert store.pending_writes == 7
     assert recorded == []  # replaying records nothing again
     [source] = sources
     rebuilt = Journal()
     for op in source():
         rebuilt.apply(op)
-    assert len(rebuilt) == 5
+    assert len(rebuilt) == 7
 
 
 async def test_outage_writes_are_recorded_with_their_base(nursery: trio.Nursery) -> None:
@@ -320,7 +391,7 @@ async def test_outage_writes_are_recorded_with_their_base(nursery: trio.Nursery)
     memory = MemoryStore()
     recorded: list[list[Any]] = []
     memory.record = recorded.append  # type: ignore[method-assign]
-    store = FailoverStore(memory, RedisTarget(port=free_port()), KEYS, Metrics(), timeout=0.3)
+    store = FailoverStore(memory, RedisTarget(port=free_port()), Metrics(), timeout=0.3)
     await nursery.start(store.run)
     with trio.fail_after(10):
         await store.set("wks:session:u", b"1", 60_000)

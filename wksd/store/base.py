@@ -16,22 +16,30 @@ read-modify-write of its own:
 - ``cache_fill`` / ``cache_lookup``: a cached value with the metadata bound to
   it (they expire in the same millisecond).
 
-Values are bytes (the domain stores JSON), TTLs integer milliseconds.
+Each store is built for one ``KeySpace`` (the seed's key layout under one
+prefix) and names the keys of its composite steps itself: the domain passes
+execution ids and cache keys, never key names, to those steps.
+
+Values are bytes (the domain stores JSON), TTLs integer milliseconds. The
+stores never read a workflow state: what the write-back after an outage
+needs of one (whether it is finished, its ``updatedAt``) comes with the
+swap that writes it (``WorkflowSwap.stamp``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from enum import StrEnum
+from typing import Final, Protocol
 
 from clientlib.errors import InternalError
 
-from ..keys import KeySpace
-
 __all__ = [
     "LockOutcome",
+    "LockStatus",
     "Store",
     "WorkflowSnapshot",
+    "WorkflowStamp",
     "WorkflowSwap",
     "WrongType",
     "recorded_token",
@@ -44,11 +52,21 @@ __all__ = [
 EVENTS_PER_EXECUTION = 1000
 EVENTS_IN_ALL = 10_000
 
-# Outcomes of lock_release and lock_extend, as the wire names them.
-RELEASED = "released"
-EXTENDED = "extended"
-NOT_FOUND = "not_found"
-NOT_OWNER = "not_owner"
+
+class LockStatus(StrEnum):
+    """Outcomes of lock_release and lock_extend, as the wire names them."""
+
+    RELEASED = "released"
+    EXTENDED = "extended"
+    NOT_FOUND = "not_found"
+    NOT_OWNER = "not_owner"
+
+
+# The members under the short names the stores' code uses.
+RELEASED: Final = LockStatus.RELEASED
+EXTENDED: Final = LockStatus.EXTENDED
+NOT_FOUND: Final = LockStatus.NOT_FOUND
+NOT_OWNER: Final = LockStatus.NOT_OWNER
 
 
 class WrongType(InternalError):
@@ -90,6 +108,21 @@ class LockOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowStamp:
+    """What the write-back after an outage compares a workflow state by
+    (DESIGN section 5), told by whoever wrote the state, so no store reads it.
+
+    ``updated_at`` is the state's ``updatedAt`` (ms; 0 when it has none),
+    ``finished`` whether its status is a final one, and ``finished_at`` its
+    score in the finished index (None: not indexed).
+    """
+
+    updated_at: int
+    finished: bool
+    finished_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowSwap:
     """One atomic change of a workflow's state and its index entries.
 
@@ -98,6 +131,12 @@ class WorkflowSwap:
     the id joins the active set (``active``) or leaves it; a finished one is
     recorded in the finished index at ``finished_at`` (ms), and index entries
     older than ``retain_since`` (ms) are pruned.
+
+    ``updated_at`` and ``finished`` describe the state the key holds after
+    the swap (``new``, or ``expected`` when ``new`` is None): its
+    ``updatedAt`` (ms, 0: none) and whether it is finished. The stores apply
+    a swap without them; the failover journals them (``stamp``) for the
+    write-back of a swap made in memory during an outage.
     """
 
     execution_id: str
@@ -107,6 +146,12 @@ class WorkflowSwap:
     active: bool
     finished_at: int | None = None
     retain_since: int = 0
+    updated_at: int = 0
+    finished: bool = False
+
+    @property
+    def stamp(self) -> WorkflowStamp:
+        return WorkflowStamp(self.updated_at, self.finished, self.finished_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,28 +184,22 @@ class Store(Protocol):
         """The members of a set, sorted."""
         ...
 
-    async def lock_acquire(
-        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
-    ) -> LockOutcome: ...
+    async def lock_acquire(self, execution_id: str, owner: str, ttl_ms: int) -> LockOutcome: ...
 
-    async def lock_release(
-        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
-    ) -> str:
+    async def lock_release(self, execution_id: str, owner: str, token: int | None = None) -> str:
         """``released``, ``not_found`` or ``not_owner``; with ``token``, only the
         holding that token was given to counts as ``owner``'s."""
         ...
 
-    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+    async def lock_extend(self, execution_id: str, owner: str, ttl_ms: int) -> str:
         """``extended``, ``not_found`` or ``not_owner``."""
         ...
 
-    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+    async def swap_workflow(self, swap: WorkflowSwap) -> bool:
         """Apply ``swap`` if the state is still as expected; False if not."""
         ...
 
-    async def workflow_snapshot(
-        self, keys: KeySpace, finished_since: int | None
-    ) -> WorkflowSnapshot:
+    async def workflow_snapshot(self, finished_since: int | None) -> WorkflowSnapshot:
         """Active states, plus finished ones since ``finished_since`` (ms) if given."""
         ...
 
@@ -175,14 +214,12 @@ class Store(Protocol):
         """Delete ``key`` only if it still holds ``value`` (an owner-checked release)."""
         ...
 
-    async def cache_fill(
-        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
-    ) -> None:
+    async def cache_fill(self, key: str, value: bytes, ttl_ms: int, meta: bytes | None) -> None:
         """Cache ``value`` for ``ttl_ms`` and, at once, its stale-while-revalidate
         metadata, expiring in the same millisecond (None: delete any)."""
         ...
 
-    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+    async def cache_lookup(self, key: str) -> tuple[bytes | None, bytes | None]:
         """A cached value and its metadata, the latter only while it is that
         value's: expiring with it (a write of the value by any other path
         gives the value another expiry)."""
@@ -193,13 +230,11 @@ class Store(Protocol):
         ...
 
     async def record_event(
-        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
         """Append an event to its execution's history and to the all-executions one."""
         ...
 
-    async def read_events(
-        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
-    ) -> list[bytes]:
+    async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         """Recorded events with a time after ``since_ms``, oldest first, at most ``limit``."""
         ...

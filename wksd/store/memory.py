@@ -101,9 +101,13 @@ Value = bytes | MutableSet[str] | dict[str, int]
 
 
 class MemoryStore:
+    """The Store interface in memory, for one key space (``keys``: the seed's
+    ``wks:`` prefix unless told otherwise)."""
+
     def __init__(
         self,
         *,
+        keys: KeySpace | None = None,
         clock: Clock | None = None,
         max_keys: int = 1_000_000,
         evictable: Callable[[str], bool] = lambda key: False,
@@ -111,6 +115,7 @@ class MemoryStore:
         keep_writes: bool = False,
         log: DurableLog | None = None,
     ) -> None:
+        self.keys = KeySpace() if keys is None else keys
         self._clock = clock or SystemClock()
         self.max_keys = max_keys
         self._is_evictable = evictable
@@ -184,10 +189,8 @@ class MemoryStore:
     async def members(self, key: str) -> list[str]:
         return sorted(self._set(key, self._now()))
 
-    async def lock_acquire(
-        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
-    ) -> LockOutcome:
-        now = self._now()
+    async def lock_acquire(self, execution_id: str, owner: str, ttl_ms: int) -> LockOutcome:
+        now, keys = self._now(), self.keys
         lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
         holder = self._string(lock_key, now)
         if holder is not None and holder != owner.encode():
@@ -206,13 +209,11 @@ class MemoryStore:
         self._put(token_key, token_record(token, owner.encode()), now + ttl_ms)
         return LockOutcome(True, owner, token, ttl_ms)
 
-    async def lock_release(
-        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
-    ) -> str:
+    async def lock_release(self, execution_id: str, owner: str, token: int | None = None) -> str:
         now = self._now()
-        lock_key = keys.lock(execution_id)
+        lock_key = self.keys.lock(execution_id)
         status = self._owner_check(lock_key, owner, now)
-        token_key = keys.lock_token(execution_id)
+        token_key = self.keys.lock_token(execution_id)
         held = self._held_token(lock_key, token_key, now)
         if status is None and token is not None and held != token:
             status = NOT_OWNER  # another holding of the same worker
@@ -222,9 +223,9 @@ class MemoryStore:
             return RELEASED
         return status
 
-    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+    async def lock_extend(self, execution_id: str, owner: str, ttl_ms: int) -> str:
         now = self._now()
-        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        lock_key, token_key = self.keys.lock(execution_id), self.keys.lock_token(execution_id)
         status = self._owner_check(lock_key, owner, now)
         if status is None:
             held = self._held_token(lock_key, token_key, now) is not None
@@ -234,9 +235,9 @@ class MemoryStore:
             return EXTENDED
         return status
 
-    def held_token(self, keys: KeySpace, execution_id: str) -> int | None:
+    def held_token(self, execution_id: str) -> int | None:
         """The fencing token of the lock's current holding, if it has one."""
-        lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
+        lock_key, token_key = self.keys.lock(execution_id), self.keys.lock_token(execution_id)
         return self._held_token(lock_key, token_key, self._now())
 
     def _held_token(self, lock_key: str, token_key: str, now: int) -> int | None:
@@ -247,14 +248,15 @@ class MemoryStore:
             return None
         return recorded_token(self._string(token_key, now), holder)
 
-    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
+    async def swap_workflow(self, swap: WorkflowSwap) -> bool:
         now = self._now()
-        if self._string(keys.workflow(swap.execution_id), now) != swap.expected:
+        if self._string(self.keys.workflow(swap.execution_id), now) != swap.expected:
             return False
-        self._apply_swap(keys, swap, now, clean=False)
+        self._apply_swap(swap, now, clean=False)
         return True
 
-    def _apply_swap(self, keys: KeySpace, swap: WorkflowSwap, now: int, clean: bool) -> None:
+    def _apply_swap(self, swap: WorkflowSwap, now: int, clean: bool) -> None:
+        keys = self.keys
         state_key = keys.workflow(swap.execution_id)
         creates = [state_key] if swap.new is not None else []
         if swap.active:
@@ -276,10 +278,8 @@ class MemoryStore:
                     self._zrem(keys.finished, member, now)
         self._drop_if_empty((keys.active, keys.finished))
 
-    async def workflow_snapshot(
-        self, keys: KeySpace, finished_since: int | None
-    ) -> WorkflowSnapshot:
-        now = self._now()
+    async def workflow_snapshot(self, finished_since: int | None) -> WorkflowSnapshot:
+        now, keys = self._now(), self.keys
         active = [
             (execution_id, self._string(keys.workflow(execution_id), now))
             for execution_id in sorted(self._set(keys.active, now))
@@ -312,11 +312,9 @@ class MemoryStore:
         self._remove(key)
         return True
 
-    async def cache_fill(
-        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
-    ) -> None:
+    async def cache_fill(self, key: str, value: bytes, ttl_ms: int, meta: bytes | None) -> None:
         now = self._now()
-        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        value_key, meta_key = self.keys.cache(key), self.keys.cache_meta(key)
         self._reserve((value_key, meta_key) if meta is not None else (value_key,), now)
         self._fill(value_key, meta_key, value, now + ttl_ms, meta, clean=False)
 
@@ -335,9 +333,9 @@ class MemoryStore:
         else:
             self._put(meta_key, meta, deadline, clean)  # the same deadline: bound
 
-    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+    async def cache_lookup(self, key: str) -> tuple[bytes | None, bytes | None]:
         now = self._now()
-        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        value_key, meta_key = self.keys.cache(key), self.keys.cache_meta(key)
         value, meta = self._string(value_key, now), self._string(meta_key, now)
         if value is None or self._deadlines.get(value_key) != self._deadlines.get(meta_key):
             meta = None  # not this value's: written before the value last was
@@ -347,7 +345,7 @@ class MemoryStore:
         return None  # one daemon, no Redis: nobody else to tell
 
     async def record_event(
-        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
         expiry = self._now() + retain_ms
         self._append_event(execution_id, at_ms, event, expiry)
@@ -379,9 +377,7 @@ class MemoryStore:
         while len(self._all_events) > EVENTS_IN_ALL or self._all_bytes > EVENT_BYTES_BUDGET:
             self._all_bytes -= len(self._all_events.popleft()[1])
 
-    async def read_events(
-        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
-    ) -> list[bytes]:
+    async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         if execution_id is None:
             log: Iterable[tuple[int, bytes]] = self._all_events
         else:
@@ -403,12 +399,10 @@ class MemoryStore:
         else:
             self._remove(key)  # better none than a stale one
 
-    def mirror_cache_fill(
-        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
-    ) -> None:
+    def mirror_cache_fill(self, key: str, value: bytes, ttl_ms: int, meta: bytes | None) -> None:
         """Copy a cache fill Redis applied, value and metadata with one deadline."""
         now = self._now()
-        value_key, meta_key = keys.cache(key), keys.cache_meta(key)
+        value_key, meta_key = self.keys.cache(key), self.keys.cache_meta(key)
         if self._room_for((value_key, meta_key), now):
             self._fill(value_key, meta_key, value, now + ttl_ms, meta, clean=True)
         else:
@@ -425,18 +419,13 @@ class MemoryStore:
             self._set_deadline(key, now + ttl_ms)
 
     def mirror_lock(
-        self,
-        keys: KeySpace,
-        execution_id: str,
-        holder: str,
-        token: int | None,
-        ttl_ms: int | None,
+        self, execution_id: str, holder: str, token: int | None, ttl_ms: int | None
     ) -> None:
         """Copy a lock Redis gave: its holder, its token, and the fencing counter.
 
         Made even when the store is at its bound (see the module docstring).
         """
-        now = self._now()
+        now, keys = self._now(), self.keys
         lock_key, token_key = keys.lock(execution_id), keys.lock_token(execution_id)
         self._room_for((lock_key, token_key, keys.fencing), now)  # best effort
         deadline = _deadline(now, ttl_ms)
@@ -457,13 +446,13 @@ class MemoryStore:
                 # issued during an outage start again from 1.
                 self._put(keys.fencing, str(token).encode(), None)
 
-    def mirror_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> None:
+    def mirror_workflow(self, swap: WorkflowSwap) -> None:
         """Copy a workflow change Redis accepted (whatever this copy held before)."""
         now = self._now()
         try:
-            self._apply_swap(keys, swap, now, clean=True)
+            self._apply_swap(swap, now, clean=True)
         except Full:
-            self._remove(keys.workflow(swap.execution_id))  # better none than a stale one
+            self._remove(self.keys.workflow(swap.execution_id))  # better none than a stale one
 
     def mark_clean(self, *keys: str) -> None:
         """These keys are in Redis now; they may be evicted like any copy."""

@@ -2,9 +2,10 @@
 
 Plain steps are single commands; the composite ones are the scripts of
 ``scripts.py``, run with EVALSHA and loaded again when Redis says NOSCRIPT.
-The data layout is the seed's (``KeySpace``), so the TypeScript app reads and
-writes the same keys. Besides the interface, it offers the conditional writes
-that reconciliation after an outage needs (``restore_*``).
+The data layout is the seed's (the ``KeySpace`` the store is built for), so
+the TypeScript app reads and writes the same keys. Besides the interface, it
+offers the conditional writes that reconciliation after an outage needs
+(``restore_*``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .base import (
     EVENTS_PER_EXECUTION,
     LockOutcome,
     WorkflowSnapshot,
+    WorkflowStamp,
     WorkflowSwap,
 )
 from .redis_link import RedisLink
@@ -67,9 +69,21 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _stamp_args(stamp: WorkflowStamp | None) -> list[Any]:
+    """RESTORE_WORKFLOW's ARGV[5..7]; all '' when there is no stamp."""
+    if stamp is None:
+        return ["", "", ""]
+    finished_at = "" if stamp.finished_at is None else stamp.finished_at
+    return [stamp.updated_at, "1" if stamp.finished else "0", finished_at]
+
+
 class RedisStore:
-    def __init__(self, link: RedisLink) -> None:
+    """The Store interface over ``link``, for one key space (``keys``: the
+    seed's ``wks:`` prefix unless told otherwise)."""
+
+    def __init__(self, link: RedisLink, keys: KeySpace | None = None) -> None:
         self.link = link
+        self.keys = KeySpace() if keys is None else keys
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script, in one write."""
@@ -112,9 +126,8 @@ class RedisStore:
     async def members(self, key: str) -> list[str]:
         return sorted(_text(m) for m in await self.link.execute("SMEMBERS", key))
 
-    async def lock_acquire(
-        self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int
-    ) -> LockOutcome:
+    async def lock_acquire(self, execution_id: str, owner: str, ttl_ms: int) -> LockOutcome:
+        keys = self.keys
         acquired, holder, token, ttl = await self._run(
             LOCK_ACQUIRE,
             [keys.lock(execution_id), keys.lock_token(execution_id), keys.fencing],
@@ -122,28 +135,26 @@ class RedisStore:
         )
         return LockOutcome(bool(acquired), _text(holder), token if acquired else None, _ttl(ttl))
 
-    async def lock_release(
-        self, keys: KeySpace, execution_id: str, owner: str, token: int | None = None
-    ) -> str:
+    async def lock_release(self, execution_id: str, owner: str, token: int | None = None) -> str:
         return _text(
             await self._run(
                 LOCK_RELEASE,
-                [keys.lock(execution_id), keys.lock_token(execution_id)],
+                [self.keys.lock(execution_id), self.keys.lock_token(execution_id)],
                 [owner, "" if token is None else token],
             )
         )
 
-    async def lock_extend(self, keys: KeySpace, execution_id: str, owner: str, ttl_ms: int) -> str:
+    async def lock_extend(self, execution_id: str, owner: str, ttl_ms: int) -> str:
         return _text(
             await self._run(
                 LOCK_EXTEND,
-                [keys.lock(execution_id), keys.lock_token(execution_id)],
+                [self.keys.lock(execution_id), self.keys.lock_token(execution_id)],
                 [owner, ttl_ms],
             )
         )
 
-    async def swap_workflow(self, keys: KeySpace, swap: WorkflowSwap) -> bool:
-        expected = swap.expected
+    async def swap_workflow(self, swap: WorkflowSwap) -> bool:
+        expected, keys = swap.expected, self.keys
         return bool(
             await self._run(
                 WORKFLOW_SWAP,
@@ -161,13 +172,11 @@ class RedisStore:
             )
         )
 
-    async def workflow_snapshot(
-        self, keys: KeySpace, finished_since: int | None
-    ) -> WorkflowSnapshot:
+    async def workflow_snapshot(self, finished_since: int | None) -> WorkflowSnapshot:
         ids, states, finished = await self._run(
             WORKFLOW_SNAPSHOT,
-            [keys.active, keys.finished],
-            [keys.workflow_prefix, "" if finished_since is None else finished_since],
+            [self.keys.active, self.keys.finished],
+            [self.keys.workflow_prefix, "" if finished_since is None else finished_since],
         )
         active = sorted(zip((_text(i) for i in ids), states, strict=True))
         return WorkflowSnapshot(active, list(finished))
@@ -182,18 +191,16 @@ class RedisStore:
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
         return bool(await self._run(DELETE_IF_EQUAL, [key], [value]))
 
-    async def cache_fill(
-        self, keys: KeySpace, key: str, value: bytes, ttl_ms: int, meta: bytes | None
-    ) -> None:
+    async def cache_fill(self, key: str, value: bytes, ttl_ms: int, meta: bytes | None) -> None:
         await self._run(
             CACHE_FILL,
-            [keys.cache(key), keys.cache_meta(key)],
+            [self.keys.cache(key), self.keys.cache_meta(key)],
             [value, ttl_ms, b"" if meta is None else meta],
         )
 
-    async def cache_lookup(self, keys: KeySpace, key: str) -> tuple[bytes | None, bytes | None]:
+    async def cache_lookup(self, key: str) -> tuple[bytes | None, bytes | None]:
         value, meta, bound = await self._run(
-            CACHE_LOOKUP, [keys.cache(key), keys.cache_meta(key)], []
+            CACHE_LOOKUP, [self.keys.cache(key), self.keys.cache_meta(key)], []
         )
         return value, meta if bound else None
 
@@ -201,19 +208,17 @@ class RedisStore:
         await self.link.execute("PUBLISH", channel, message)
 
     async def record_event(
-        self, keys: KeySpace, execution_id: str, event: bytes, at_ms: int, retain_ms: int
+        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
         await self._run(
             RECORD_EVENT,
-            [keys.events(execution_id), keys.events(None)],
+            [self.keys.events(execution_id), self.keys.events(None)],
             [at_ms, event, EVENTS_PER_EXECUTION, EVENTS_IN_ALL, retain_ms],
         )
 
-    async def read_events(
-        self, keys: KeySpace, execution_id: str | None, since_ms: int, limit: int
-    ) -> list[bytes]:
+    async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         entries = await self.link.execute(
-            "XRANGE", keys.events(execution_id), max(since_ms + 1, 0), "+", "COUNT", limit
+            "XRANGE", self.keys.events(execution_id), max(since_ms + 1, 0), "+", "COUNT", limit
         )
         return [dict(zip(fields[::2], fields[1::2], strict=True))[b"e"] for _, fields in entries]
 
@@ -251,29 +256,26 @@ class RedisStore:
 
     async def restore_workflow(
         self,
-        keys: KeySpace,
         execution_id: str,
         state: bytes,
         ttl_ms: int | None,
-        updated_at: int,
-        active: bool,
-        finished_at: int | None,
+        stamp: WorkflowStamp | None,
         *,
-        finished: bool,
+        active: bool,
     ) -> Restored:
         """Write back a state unless Redis holds one as new or newer, or a
-        finished one while ours (``finished`` False) is not."""
+        finished one while ours is not, as ``stamp`` tells of ours (None: not
+        told, in a journal written before stamps were; the script reads it)."""
+        keys = self.keys
         reply = await self._run(
             RESTORE_WORKFLOW,
             [keys.workflow(execution_id), keys.active, keys.finished],
             [
                 state,
                 "" if ttl_ms is None else ttl_ms,
-                updated_at,
                 execution_id,
                 "1" if active else "0",
-                "" if finished_at is None else finished_at,
-                "1" if finished else "0",
+                *_stamp_args(stamp),
             ],
         )
         outcome = _text(reply[0])
@@ -281,15 +283,14 @@ class RedisStore:
             return Restored(outcome)
         return Restored(outcome, reply[1], _ttl(reply[2]), bool(reply[3]))
 
-    async def retire_workflow(self, keys: KeySpace, execution_id: str) -> str:
+    async def retire_workflow(self, execution_id: str) -> str:
         """The state is gone here: leave the active set, unless Redis still has it."""
         gone = WorkflowSwap(execution_id, None, None, None, active=False)
-        return "deleted" if await self.swap_workflow(keys, gone) else "kept"
+        return "deleted" if await self.swap_workflow(gone) else "kept"
 
-    async def restore_lock(
-        self, keys: KeySpace, execution_id: str, holder: str, ttl_ms: int, token: int
-    ) -> str:
+    async def restore_lock(self, execution_id: str, holder: str, ttl_ms: int, token: int) -> str:
         """Give a lock taken during the outage back to Redis, unless someone has it there."""
+        keys = self.keys
         return _text(
             await self._run(
                 RESTORE_LOCK,

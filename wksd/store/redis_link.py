@@ -2,25 +2,27 @@
 
 Theory of operation
 -------------------
-Any task may ``execute`` a command. The command is encoded by redis-py
-(which packs with hiredis), appended to one outgoing buffer, and its waiter to
-a FIFO. If no write is in progress, the calling task writes the buffer at once;
-commands queued while a write is in progress go out together in the next
-write. So a lone command costs no task switch, and a burst costs one write.
+Any task may ``execute`` a command. The command is encoded as RESP
+(``wksd.store.resp``) and appended to one outgoing buffer, and the caller's
+place in line (a ``_PendingReply``) to a FIFO. If no write is in progress,
+the calling task writes the buffer at once; commands queued while a write is
+in progress go out together in the next write. So a lone command costs no
+task switch, and a burst costs one write.
 
-One reader task feeds everything Redis sends into hiredis's ``Reader`` and
-hands each reply to the waiter at the head of the FIFO (Redis answers in
+One reader task feeds everything Redis sends into a RESP reply reader and
+hands each reply to the caller at the head of the FIFO (Redis answers in
 order), waking its task directly (``trio.lowlevel.reschedule``).
 
 Failure is link-wide. If the reply at the head of the FIFO has not arrived
 ``timeout`` seconds after its command was queued, Redis is stalled (or gone
-without a word): the link breaks, and every waiter gets ``LinkDown``. A small
-watch task checks the oldest command's age (``_watch_stalls``), so a command
-costs no cancel scope or deadline of its own; a stall is noticed within a
-quarter of the timeout after it. A closed connection, an unparseable reply, or
-an error reply that means "this node cannot serve" (READONLY, LOADING,
-MASTERDOWN, OOM) breaks it too. Error replies about the command itself (a
-``ResponseError``) are raised to its caller only.
+without a word): the link breaks, and every caller waiting gets
+``LinkDown``. A small watch task checks the oldest command's age
+(``_watch_stalls``), so a command costs no cancel scope or deadline of its
+own; a stall is noticed within a quarter of the timeout after it. A closed
+connection, an unparseable reply, or an error reply that means "this node
+cannot serve" (READONLY, LOADING, MASTERDOWN, OOM) breaks it too. Error
+replies about the command itself (a ``ResponseError``) are raised to its
+caller only.
 
 Plain TCP and Unix links run on ``wksd.sockio.SocketIO`` (see there why);
 TLS runs on trio's SSLStream. Writes are not shielded from cancellation: a
@@ -34,20 +36,19 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
-import hiredis
 import outcome
 import trio
-from redis._parsers import BaseParser
-from redis.connection import Connection
 from redis.exceptions import (
     BusyLoadingError,
-    ConnectionError,
     InvalidResponse,
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .resp import pack, reply_reader
 
 __all__ = ["LinkDown", "RedisLink"]
 
@@ -59,17 +60,13 @@ READ_CHUNK: Final = 65536
 #: Out of memory is one too: it refuses every write until someone intervenes.
 _NODE_FAILURES: Final = (ReadOnlyError, BusyLoadingError, MasterDownError, OutOfMemoryError)
 
-# redis-py's Connection is used for its encoder only (it packs with hiredis
-# when hiredis is installed); it never connects.
-_pack = Connection().pack_command
 
-
-class LinkDown(ConnectionError):
+class LinkDown(RedisConnectionError):
     """The Redis link is broken; the command may or may not have been applied."""
 
 
-class _Waiter:
-    """One caller's place in the FIFO.
+class _PendingReply:
+    """One caller's place in the FIFO: the replies it waits for, and the task to wake.
 
     The result is handed over only once the caller is parked in
     ``wait_task_rescheduled`` (``waiting``): a caller may still be busy
@@ -103,10 +100,8 @@ class RedisLink:
         self.timeout = timeout
         self._metrics = metrics  # wksd.metrics.Metrics, or None
         self._counted: dict[tuple[str, bool], Any] = {}
-        self._reader = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=BaseParser.parse_error
-        )
-        self._waiters: deque[_Waiter] = deque()
+        self._reader = reply_reader()
+        self._pending: deque[_PendingReply] = deque()
         self._outgoing = bytearray()
         self._writing = False
         self._scope: trio.CancelScope | None = None
@@ -125,28 +120,28 @@ class RedisLink:
 
     async def execute(self, *args: Any, name: str | None = None) -> Any:
         """Send one command; its reply (an error reply is raised)."""
-        (reply,) = await self._submit(_pack(*args), 1, name or args[0])
+        (reply,) = await self._submit(pack(*args), 1, name or args[0])
         if isinstance(reply, Exception):
             raise reply
         return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """Send several commands in one write; their replies, errors as values."""
-        payload = b"".join(chunk for command in commands for chunk in _pack(*command))
+        payload = b"".join(chunk for command in commands for chunk in pack(*command))
         return await self._submit([payload], len(commands), "PIPELINE")
 
     def fail(self, reason: BaseException) -> None:
-        """Break the link: every waiter gets LinkDown, the reader stops."""
+        """Break the link: every caller waiting gets LinkDown, the reader stops."""
         if self._error is not None:
             return
         error = reason if isinstance(reason, LinkDown) else LinkDown(str(reason) or repr(reason))
         if error is not reason:
             error.__cause__ = reason
         self._error = error
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            self._count(waiter.name, failed=True)
-            waiter.settle(outcome.Error(_fresh(error)))
+        abandoned, self._pending = self._pending, deque()
+        for pending in abandoned:
+            self._count(pending.name, failed=True)
+            pending.settle(outcome.Error(_fresh(error)))
         if self._scope is not None:
             self._scope.cancel()
         self._closed.set()
@@ -185,49 +180,49 @@ class RedisLink:
         """Break the link when the oldest command has waited ``timeout``."""
         idle_check = self.timeout / 4
         while True:
-            if not self._waiters:
+            if not self._pending:
                 await trio.sleep(idle_check)
-            elif trio.current_time() >= self._waiters[0].deadline:
+            elif trio.current_time() >= self._pending[0].deadline:
                 self.fail(LinkDown(f"Redis did not answer within {self.timeout} s"))
                 return
             else:
-                await trio.sleep_until(self._waiters[0].deadline)
+                await trio.sleep_until(self._pending[0].deadline)
 
     def _deliver(self, reply: Any) -> None:
-        if not self._waiters:
+        if not self._pending:
             raise InvalidResponse("a reply nobody asked for")
-        waiter = self._waiters[0]
-        waiter.replies.append(reply)
+        pending = self._pending[0]
+        pending.replies.append(reply)
         if isinstance(reply, Exception):
-            self._count(waiter.name, failed=True)
+            self._count(pending.name, failed=True)
         if isinstance(reply, _NODE_FAILURES):
             self.fail(reply)
             return
-        if len(waiter.replies) < waiter.wanted:
+        if len(pending.replies) < pending.wanted:
             return
-        self._waiters.popleft()
-        waiter.settle(outcome.Value(waiter.replies))
+        self._pending.popleft()
+        pending.settle(outcome.Value(pending.replies))
 
     async def _submit(self, chunks: list[bytes], wanted: int, name: str) -> list[Any]:
         if self._error is not None:
             raise _fresh(self._error)
         self._count(name)
-        waiter = _Waiter(
+        pending = _PendingReply(
             trio.lowlevel.current_task(), name, wanted, trio.current_time() + self.timeout
         )
-        self._waiters.append(waiter)
+        self._pending.append(pending)
         for chunk in chunks:
             self._outgoing += chunk
         if not self._writing:
             await self._flush()
-        if waiter.result is not None:
-            return waiter.result.unwrap()
+        if pending.result is not None:
+            return pending.result.unwrap()
 
         def abort(raise_cancel: Any) -> trio.lowlevel.Abort:
-            waiter.waiting = False  # its reply will still be read, and dropped
+            pending.waiting = False  # its reply will still be read, and dropped
             return trio.lowlevel.Abort.SUCCEEDED
 
-        waiter.waiting = True
+        pending.waiting = True
         replies: list[Any] = await trio.lowlevel.wait_task_rescheduled(abort)
         return replies
 
@@ -259,7 +254,7 @@ class RedisLink:
 
 
 def _fresh(error: LinkDown) -> LinkDown:
-    """A new exception per waiter: one instance raised in many tasks tangles tracebacks."""
+    """A new exception per caller: one instance raised in many tasks tangles tracebacks."""
     copy = LinkDown(*error.args)
     copy.__cause__ = error.__cause__
     return copy

@@ -18,15 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-import hiredis
 import structlog
 import trio
-from redis._parsers import BaseParser
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.connection import Connection
-from redis.exceptions import InvalidResponse, RedisError
+from redis.exceptions import RedisError
 
 from .redis_target import RedisTarget, open_stream
+from .resp import pack, reply_reader
 
 __all__ = ["Subscriber"]
 
@@ -34,8 +32,6 @@ log = structlog.get_logger("wksd.redis")
 
 #: Seconds between PINGs on a quiet subscriber connection.
 PING_INTERVAL: Final = 2.0
-
-_pack = Connection().pack_command
 
 
 class _Gone(Exception):
@@ -84,7 +80,7 @@ class Subscriber:
                 commands.append(["AUTH", *user, self._target.password])
             commands.append(["CLIENT", "SETNAME", "wksd-subscriber"])
             commands.append(["SUBSCRIBE", *self._handlers])
-            await stream.send_all(b"".join(b"".join(_pack(*c)) for c in commands))
+            await stream.send_all(b"".join(b"".join(pack(*c)) for c in commands))
             ended: BaseException | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ping_forever, stream)
@@ -100,7 +96,7 @@ class Subscriber:
                 await stream.aclose()
 
     async def _listen(self, stream: Any) -> None:
-        reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        reader = reply_reader()
         while True:
             with trio.move_on_after(PING_INTERVAL + self._timeout) as quiet:
                 data = await stream.receive_some(65536)
@@ -129,7 +125,7 @@ class Subscriber:
             self.subscribed.set()
 
     async def _ping_forever(self, stream: Any) -> None:
-        ping = b"".join(_pack("PING"))
+        ping = b"".join(pack("PING"))
         while True:
             await trio.sleep(PING_INTERVAL)
             try:

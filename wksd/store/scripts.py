@@ -193,33 +193,54 @@ return {ids, states, finished}
 
 # Reconciliation after an outage: the state wksd wrote to memory goes back
 # unless Redis holds a newer one, or a finished one and ours is not finished
-# (the seed's app completes a run without touching updatedAt).
+# (the seed's app completes a run without touching updatedAt). What ours is
+# comes from the journal (ARGV[5..7], as the domain told it when writing);
+# a journal written before it kept that is read from our state itself, as
+# Redis's state is read.
 # KEYS[1] state key, KEYS[2] active set, KEYS[3] finished index
-# ARGV[1] our state, ARGV[2] its TTL in ms or '', ARGV[3] our updatedAt (ms)
-# ARGV[4] execution id, ARGV[5] '1' active / '0' not, ARGV[6] finished-at or ''
-# ARGV[7] '1' if our state is finished (completed, failed, cancelled), else '0'
+# ARGV[1] our state, ARGV[2] its TTL in ms or ''
+# ARGV[3] execution id, ARGV[4] '1' active / '0' not
+# ARGV[5] our updatedAt (ms), or '' when not told (then ARGV[6..7] are read
+#         from ARGV[1] too); ARGV[6] '1' if our state is finished, else '0'
+# ARGV[7] our finished-index score (ms), or '' for none
 # -> {'written'} (ours was newer, or Redis had none), or {'conflict', state,
 #    pttl, member}: Redis's state stays, and is returned (with its TTL and
 #    whether the id is in the active set) so memory can copy it.
 RESTORE_WORKFLOW = Script(
     "restore_workflow",
     """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local ok, state = pcall(cjson.decode, current)
+-- A stored state as whoever wrote it wrote it: {finished, updatedAt or nil,
+-- completedAt or nil}, or nil when it is not JSON.
+local function describe(raw)
+  local ok, state = pcall(cjson.decode, raw)
   if not ok then
     -- cjson refuses the escape JSON.stringify writes for a lone surrogate
     -- ("\\\\ud83d"): read the fields with every surrogate escape replaced.
-    local repaired = string.gsub(current, '\\\\u[dD][89abcdefABCDEF]%x%x', '\\\\ufffd')
+    local repaired = string.gsub(raw, '\\\\u[dD][89abcdefABCDEF]%x%x', '\\\\ufffd')
     ok, state = pcall(cjson.decode, repaired)
   end
-  if ok and type(state) == 'table' then
-    local status = state['status']
-    local finished = status == 'completed' or status == 'failed' or status == 'cancelled'
-    local updated = tonumber(state['updatedAt'])
-    if (finished and ARGV[7] ~= '1') or (updated and updated >= tonumber(ARGV[3])) then
+  if not ok or type(state) ~= 'table' then return nil end
+  local status = state['status']
+  local finished = status == 'completed' or status == 'failed' or status == 'cancelled'
+  return {finished, tonumber(state['updatedAt']), tonumber(state['completedAt'])}
+end
+local ours_updated, ours_finished, ours_index = tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
+if ARGV[5] == '' then
+  local ours = describe(ARGV[1])
+  ours_updated, ours_finished, ours_index = 0, false, ''
+  if ours then
+    ours_updated, ours_finished = ours[2] or 0, ours[1]
+    if ours[1] and ours[3] then ours_index = ours[3] end
+  end
+end
+local current = redis.call('GET', KEYS[1])
+if current then
+  local theirs = describe(current)
+  if theirs then
+    local finished, updated = theirs[1], theirs[2]
+    if (finished and not ours_finished) or (updated and updated >= ours_updated) then
       return {'conflict', current, redis.call('PTTL', KEYS[1]),
-              redis.call('SISMEMBER', KEYS[2], ARGV[4])}
+              redis.call('SISMEMBER', KEYS[2], ARGV[3])}
     end
   end
 end
@@ -228,12 +249,12 @@ if ARGV[2] ~= '' then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-if ARGV[5] == '1' then
-  redis.call('SADD', KEYS[2], ARGV[4])
-  redis.call('ZREM', KEYS[3], ARGV[4])
+if ARGV[4] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[3])
+  redis.call('ZREM', KEYS[3], ARGV[3])
 else
-  redis.call('SREM', KEYS[2], ARGV[4])
-  if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], ARGV[4]) end
+  redis.call('SREM', KEYS[2], ARGV[3])
+  if ours_index ~= '' then redis.call('ZADD', KEYS[3], ours_index, ARGV[3]) end
 end
 return {'written'}
 """,
