@@ -40,8 +40,6 @@ import platform
 import queue
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,8 +56,13 @@ from typing import Any, Literal
 import redis
 from redis.utils import HIREDIS_AVAILABLE
 
+# The tests' helpers start the private processes: run from anywhere, the
+# repository root is where ``tests`` imports from.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from clientlib import Client
-from clientlib.errors import WksError
+from tests.processes import DaemonProcess
+from tests.redis_server import RedisServer
 
 # -- what is measured ------------------------------------------------------
 
@@ -105,16 +108,8 @@ GOAL_THROUGHPUT_RATIO = 1.0
 
 # -- the processes it runs -------------------------------------------------
 
-REDIS_SERVER = "/usr/bin/redis-server"
-
-#: How long a redis-server or a daemon may take to serve on a loaded machine.
-START_TIMEOUT = 15.0
-
-#: How long a stopped process may take to exit before it is killed.
+#: How long a stopped parallel worker may take to exit before it is killed.
 STOP_TIMEOUT = 10.0
-
-#: Pause between two probes of something that is starting.
-POLL_INTERVAL = 0.02
 
 #: How long the parallel workers may take to start and reach the barrier
 #: (8 interpreters forked from the forkserver on 2 busy cores), and how long
@@ -124,9 +119,6 @@ PARALLEL_TIMEOUT = 300.0
 
 #: How often the wait for the workers' reports looks for a worker that died.
 WORKER_CHECK_INTERVAL = 0.1
-
-#: Bytes of a daemon's log shown when it fails to start.
-LOG_TAIL_BYTES = 4000
 
 NANOSECONDS_PER_SECOND = 1_000_000_000
 
@@ -331,113 +323,34 @@ def collect(results: Queue[WorkerResult], workers: Sequence[BaseProcess]) -> lis
 
 
 # -- the private redis-server and daemons ----------------------------------
+# Started by the tests' own helpers (tests/redis_server.py, tests/processes.py).
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def start_redis(directory: Path, port: int, stack: contextlib.ExitStack) -> None:
-    """A redis-server on 127.0.0.1:``port`` that keeps nothing on disk."""
-    process = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C reaches us only; we stop it after the daemons
-    )
-    stack.callback(stop_process, process)
-    deadline = time.monotonic() + START_TIMEOUT
-    probe = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
-    try:
-        while True:
-            try:
-                probe.ping()
-                return
-            except redis.exceptions.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(POLL_INTERVAL)
-    finally:
-        probe.close()
+def start_redis(directory: Path, stack: contextlib.ExitStack) -> RedisServer:
+    """A redis-server on a free port that keeps nothing on disk; stopped after the daemons."""
+    server = RedisServer(directory / "redis").start()
+    stack.callback(server.stop)
+    return server
 
 
 def start_daemon(
-    socket_path: str, log_path: Path, env: dict[str, str], stack: contextlib.ExitStack
-) -> None:
-    """A ``python -m wksd`` child serving on ``socket_path``, logging to ``log_path``.
+    socket_path: str, env: dict[str, str], stack: contextlib.ExitStack
+) -> DaemonProcess:
+    """A ``python -m wksd`` child serving on ``socket_path``, logging beside it.
 
     Memory only unless ``env`` names a state directory: the read path is what
-    is measured here (benchmarks/durable.py measures the journal's cost).
+    is measured here (benchmarks/durable.py measures the journal's cost). In
+    a session of its own: a Ctrl-C reaches this process only, which stops
+    the daemons in order.
     """
-    env = {"WKSD_STATE_DIR": "", **env}
-    # A file, not a pipe: a pipe nobody reads would block a chatty daemon.
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "wksd", "--socket", socket_path, "--log-level", "warning"],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # stopped in order by us, not by the terminal's Ctrl-C
-        )
-    stack.callback(stop_process, process)
-    try:
-        wait_until_serving(socket_path, process)
-    except BaseException:
-        sys.stderr.write(log_path.read_bytes()[-LOG_TAIL_BYTES:].decode(errors="replace"))
-        raise
-
-
-def wait_until_serving(socket_path: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"wksd exited with {process.returncode} before serving")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(socket_path)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"wksd did not serve on {socket_path}") from None
-        time.sleep(POLL_INTERVAL)
-
-
-def wait_for_backend(socket_path: str, backend: str) -> None:
-    """Poll ``health`` until the daemon serves from ``backend``."""
-    deadline = time.monotonic() + START_TIMEOUT
-    with Client(socket_path) as client:
-        while True:
-            with contextlib.suppress(WksError):
-                if client.health().backend == backend:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"wksd on {socket_path} did not reach the {backend} backend")
-            time.sleep(POLL_INTERVAL)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT)
+    daemon = DaemonProcess(
+        socket_path,
+        {"WKSD_STATE_DIR": "", **env},
+        log_path=Path(socket_path).with_suffix(".log"),
+        new_session=True,
+    )
+    stack.callback(daemon.close)
+    return daemon.start()
 
 
 # -- the run ---------------------------------------------------------------
@@ -463,26 +376,20 @@ def set_up(stack: contextlib.ExitStack) -> list[Target]:
     # Short, under /tmp: a Unix socket's path must stay under 107 bytes.
     directory = Path(tempfile.mkdtemp(prefix="wksd-bench-", dir="/tmp"))
     stack.callback(shutil.rmtree, directory, ignore_errors=True)
-    port = free_port()
-    start_redis(directory, port, stack)
+    redis_server = start_redis(directory, stack)
 
     memory_socket = str(directory / "memory.sock")
     redis_socket = str(directory / "redis.sock")
-    start_daemon(memory_socket, directory / "memory.log", {"REDIS_ENABLED": "0"}, stack)
+    start_daemon(memory_socket, {"REDIS_ENABLED": "0"}, stack).wait_for_backend("memory")
     start_daemon(
-        redis_socket,
-        directory / "redis.log",
-        {"REDIS_ENABLED": "1", "REDIS_URL": f"redis://127.0.0.1:{port}/0"},
-        stack,
-    )
-    wait_for_backend(memory_socket, "memory")
-    wait_for_backend(redis_socket, "redis")
+        redis_socket, {"REDIS_ENABLED": "1", "REDIS_URL": redis_server.url}, stack
+    ).wait_for_backend("redis")
 
     value = cached_value()
     for socket_path in (memory_socket, redis_socket):
         with Client(socket_path) as client:
             client.cache_api_response(CACHE_KEY, value, ttl=VALUE_TTL)
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{redis_server.port}"
     targets = [
         Target("direct GET", "redis-get", address),
         Target("direct GET+json", "redis-get-json", address),
@@ -689,6 +596,8 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if shutil.which("redis-server") is None:
+        sys.exit("redis-server is not installed")
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     settings = operation_counts(args)
     with contextlib.ExitStack() as stack:

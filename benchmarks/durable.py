@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
+import json
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,24 +41,13 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clientlib import Client
-from clientlib.errors import WksError
+from tests.processes import DaemonProcess
+from tests.redis_server import RedisServer
 from wksd.clock import SystemClock
 from wksd.store.durable import DurableLog
 from wksd.store.memory import MemoryStore
 
 SESSION = {"userId": "u1", "role": "admin", "name": "Ada Lovelace", "prefs": {"theme": "dark"}}
-
-
-def wait_for(path: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{path}: the daemon exited with {process.returncode}")
-        with contextlib.suppress(WksError), Client(path, timeout=1) as client:
-            client.ping()
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{path}: the daemon did not start")
 
 
 def time_writes(call, ops: int) -> float:  # type: ignore[no-untyped-def]
@@ -88,41 +76,15 @@ def write_cost(directory: Path, ops: int, rounds: int) -> dict[str, float]:
         for index, (name, env) in enumerate(targets.items()):
             path = str(directory / f"d{index}.sock")
             state = str(directory / f"state{index}")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "wksd", "--socket", path, "--log-level", "warning"],
-                env={**os.environ, "WKSD_STATE_DIR": state, **env},
-            )
-            stack.callback(process.wait)
-            stack.callback(process.terminate)
-            wait_for(path, process)
+            daemon = DaemonProcess(path, {"WKSD_STATE_DIR": state, **env})
+            stack.callback(daemon.close)
+            daemon.start()
             clients[name] = stack.enter_context(Client(path))
         redis_dir = directory / "redis"
-        redis_dir.mkdir()
-        server = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                "0",
-                "--unixsocket",
-                str(redis_dir / "r.sock"),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(redis_dir),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        stack.callback(server.wait)
-        stack.callback(server.terminate)
+        server = RedisServer(redis_dir, "--unixsocket", str(redis_dir / "r.sock")).start()
+        stack.callback(server.stop)
         direct = redis.Redis(unix_socket_path=str(redis_dir / "r.sock"))
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                direct.ping()
-                break
-            time.sleep(0.05)
-        import json
+        stack.callback(direct.close)
 
         body = json.dumps(SESSION, separators=(",", ":"))
         calls = {

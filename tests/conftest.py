@@ -1,4 +1,5 @@
-"""Shared fixtures: a controllable clock, and the store under test.
+"""Shared fixtures: a controllable clock, the store under test, and the processes
+(the daemon binary, a private redis-server) that tests start and stop.
 
 ``store`` is parametrised over the backends, so every domain test runs
 against each of them (STYLE habit 8).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import pytest
 import trio
@@ -100,9 +101,8 @@ async def store(
         with server.client() as direct:
             direct.flushall()
         failover = FailoverStore(
-            MemoryStore(clock=clock),
+            MemoryStore(keys=KeySpace("wks:"), clock=clock),
             RedisTarget(port=server.port),
-            KeySpace("wks:"),
             Metrics(),
             timeout=5.0,
         )
@@ -122,7 +122,7 @@ class Domain:
         self.clock = clock
         self.sessions = Documents(store, keys.session, "session data")
         self.cache = Documents(store, keys.cache, "cache value")
-        self.workflows = Workflows(store, keys, clock, stale_after=3600)
+        self.workflows = Workflows(store, keys, clock, stale_after=3600, sleep=trio.sleep)
         self.locks = Locks(store, keys, clock)
 
 
@@ -153,6 +153,22 @@ def daemon_process(sock_path: str) -> Iterator[DaemonProcess]:
     daemon = DaemonProcess(sock_path).start()
     yield daemon
     daemon.close()
+
+
+@pytest.fixture
+def daemons(sock_path: str) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start daemon binaries, each with its environment and a socket named ``name``
+    beside ``sock_path``; every one is stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    def start(env: Mapping[str, str] | None = None, name: str = "wksd.sock") -> DaemonProcess:
+        path = os.path.join(os.path.dirname(sock_path), name)
+        started.append(DaemonProcess(path, env).start())
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.close()
 
 
 @pytest.fixture

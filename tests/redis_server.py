@@ -1,7 +1,9 @@
 """Private redis-server (and Sentinel) processes that tests may kill, pause and restart.
 
 Never the machine's shared Redis: every server here has its own port and
-directory, and dies with its test.
+directory, and dies with its test (or with the chaos run or benchmark that
+started it: they use this helper too). Nothing is kept on disk unless asked
+for (``aof``).
 """
 
 from __future__ import annotations
@@ -20,23 +22,32 @@ from redis.retry import Retry
 from .polling import wait_until
 from .processes import require_binary
 
+#: How long a redis-server may take to answer PING on a loaded CI machine.
 START_TIMEOUT = 15.0
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on just now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
 class RedisServer:
-    """One redis-server on 127.0.0.1:``port``, data in ``directory``."""
+    """One redis-server on 127.0.0.1:``port``, data in ``directory``.
+
+    ``aof`` runs it with ``appendonly yes`` and ``appendfsync always``: a
+    SIGKILL and restart then keeps everything it acknowledged. ``sentinel``
+    runs a Sentinel whose configuration is ``args``, one line each; ``tls``
+    (certificate, key) serves TLS only, on ``port``.
+    """
 
     def __init__(
         self,
         directory: Path,
         *args: str,
         port: int | None = None,
+        aof: bool = False,
         sentinel: bool = False,
         tls: tuple[Path, Path] | None = None,
     ) -> None:
@@ -45,8 +56,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.args = args
+        self.aof = aof
         self.sentinel = sentinel
-        self.tls = tls  # (certificate, key): serve TLS only, on ``port``
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,57 +66,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        if self.sentinel:
-            config = self.directory / "sentinel.conf"
-            if not config.exists():
-                config.write_text("\n".join(self.args) + "\n")
-            command = [
-                self.binary,
-                str(config),
-                "--sentinel",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-            ]
-        else:
-            command = [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                *self.args,
-            ]
-            if self.tls is not None:
-                cert, key = map(str, self.tls)
-                command += [
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    str(self.port),
-                    "--tls-cert-file",
-                    cert,
-                    "--tls-key-file",
-                    key,
-                    "--tls-ca-cert-file",
-                    cert,
-                    "--tls-auth-clients",
-                    "no",
-                ]
         self.process = subprocess.Popen(
-            command,
+            self._command(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # a Ctrl-C reaches the caller only, which stops it last
         )
         try:
             self._wait_until_up()
@@ -112,6 +78,24 @@ class RedisServer:
             self.kill()  # a server that never came up is not left behind
             raise
         return self
+
+    def _command(self) -> list[str]:
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        if self.sentinel:
+            config = self.directory / "sentinel.conf"
+            if not config.exists():
+                config.write_text("\n".join(self.args) + "\n")
+            return [self.binary, str(config), "--sentinel", *where]
+        command = [self.binary, *where, "--save", "", "--appendonly", "yes" if self.aof else "no"]
+        if self.aof:
+            command += ["--appendfsync", "always"]
+        command += self.args
+        if self.tls is not None:
+            cert, key = map(str, self.tls)
+            command += ["--port", "0", "--tls-port", str(self.port)]
+            command += ["--tls-cert-file", cert, "--tls-key-file", key]
+            command += ["--tls-ca-cert-file", cert, "--tls-auth-clients", "no"]
+        return command
 
     def _wait_until_up(self) -> None:
         def up() -> bool:

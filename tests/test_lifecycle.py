@@ -30,6 +30,16 @@ def read_to_close(sock: socket.socket) -> list[Any]:
     return messages
 
 
+def read_one(sock: socket.socket) -> Any:
+    """The next message on a connection that has sent nothing else yet."""
+    decoder = Decoder()
+    while (event := decoder.next_event()) is NEED_DATA:
+        data = sock.recv(65536)
+        assert data, "the daemon closed the connection"
+        decoder.receive_data(data)
+    return event
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_requests_and_exits_0(sock_path: str, sig: int) -> None:
     """On SIGTERM or SIGINT every request already sent is answered, then exit 0."""
@@ -42,7 +52,7 @@ def test_signal_drains_in_flight_requests_and_exits_0(sock_path: str, sig: int) 
                     encode_request(i, "session.set", [f"u{i}", {"i": i}, 60]) for i in range(2000)
                 )
             )
-            daemon.process.send_signal(sig)  # type: ignore[union-attr]
+            daemon.send_signal(sig)
             messages = read_to_close(sock)
         assert daemon.wait() == 0
         logs = [json.loads(line) for line in daemon.output.splitlines()]
@@ -62,17 +72,26 @@ def test_signal_drains_in_flight_requests_and_exits_0(sock_path: str, sig: int) 
 
 
 def test_idle_connections_do_not_hold_up_the_exit(sock_path: str) -> None:
-    """Clients that are connected but silent are closed at once on SIGTERM."""
-    daemon = DaemonProcess(sock_path).start()
+    """Clients that are connected but silent are told ``closing`` and closed on SIGTERM,
+    without the drain running into its shutdown timeout."""
+    daemon = DaemonProcess(sock_path, {"WKSD_LOG_LEVEL": "info"}).start()
     try:
-        clients = [Client(sock_path) for _ in range(5)]
-        for client in clients:
-            client.ping()
-        assert daemon.stop(timeout=5) == 0
-        for client in clients:
-            client.close()
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(5)]
+        for index, sock in enumerate(idle):
+            sock.connect(sock_path)
+            sock.sendall(encode_request(index, "ping", []))
+            assert read_one(sock) == Response(index, None, "PONG")  # served, and now silent
+        daemon.send_signal(signal.SIGTERM)
+        heard = [read_to_close(sock) for sock in idle]
+        assert daemon.wait() == 0
+        logs = [json.loads(line) for line in daemon.output.splitlines()]
     finally:
+        for sock in idle:
+            sock.close()
         daemon.close()
+    assert heard == [[Notification("closing", ["wksd is shutting down"])]] * 5
+    assert next(entry for entry in logs if entry["event"] == "stopping")["connections"] == 5
+    assert not [entry for entry in logs if entry["event"].startswith("shutdown timeout")]
 
 
 def test_second_daemon_on_a_live_socket_exits_with_an_error(

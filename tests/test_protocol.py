@@ -1,7 +1,14 @@
-"""The msgpack-RPC decoder and encoders (clientlib.protocol)."""
+"""The msgpack-RPC decoder and encoders (clientlib.protocol).
+
+Every message is fed whole and one byte at a time (``FEEDS``), and with the
+bytes that may arrive right behind it (``TRAILERS``): the start of the next
+message, which the decoder must keep for the next parse, or garbage, which it
+must reject only after the message before it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -23,30 +30,72 @@ from clientlib.protocol import (
 
 LIMIT = 4096
 
+#: The message after the one under test: the trailing bytes below are its start.
+NEXT = encode_request(99, "cache.get", ["next"])
+NEXT_EVENT = Request(99, "cache.get", ["next"])
 
-def drain(decoder: Decoder) -> list[Any]:
-    events = []
-    while (event := decoder.next_event()) is not NEED_DATA:
-        events.append(event)
-    return events
-
-
-def feed_whole(data: bytes, limit: int = LIMIT) -> list[Any]:
-    decoder = Decoder(limit)
-    decoder.receive_data(data)
-    return drain(decoder)
+#: A byte msgpack never uses: whatever follows a message, it is not the next one.
+GARBAGE = b"\xc1"
 
 
-def feed_bytewise(data: bytes, limit: int = LIMIT) -> list[Any]:
-    decoder = Decoder(limit)
-    events = []
+@dataclass
+class Fed:
+    """What a decoder made of the bytes fed: its events, and the error that stopped it."""
+
+    decoder: Decoder
+    events: list[Any] = field(default_factory=list)
+    error: ProtocolError | None = None
+
+    def drain(self) -> Fed:
+        try:
+            while (event := self.decoder.next_event()) is not NEED_DATA:
+                self.events.append(event)
+        except ProtocolError as exc:
+            self.error = exc
+        return self
+
+
+def feed_whole(data: bytes, limit: int = LIMIT) -> Fed:
+    """All of ``data`` in one receive_data, then every event it holds."""
+    fed = Fed(Decoder(limit))
+    fed.decoder.receive_data(data)
+    return fed.drain()
+
+
+def feed_bytewise(data: bytes, limit: int = LIMIT) -> Fed:
+    """``data`` one byte at a time, taking the events after each, until an error."""
+    fed = Fed(Decoder(limit))
     for index in range(len(data)):
-        decoder.receive_data(data[index : index + 1])
-        events.extend(drain(decoder))
-    return events
+        fed.decoder.receive_data(data[index : index + 1])
+        if fed.drain().error is not None:
+            break
+    return fed
 
 
 FEEDS = pytest.mark.parametrize("feed", [feed_whole, feed_bytewise], ids=["whole", "bytewise"])
+
+#: Bytes that arrive right behind the message under test, in the same feed.
+TRAILERS = pytest.mark.parametrize(
+    "trailer",
+    [b"", NEXT[:1], NEXT[: len(NEXT) // 2], NEXT[:-1], GARBAGE],
+    ids=["nothing", "next-first-byte", "next-half", "next-all-but-one", "garbage"],
+)
+
+
+def assert_trailer_kept(fed: Fed, trailer: bytes) -> None:
+    """The start of the next message is kept and completes it when the rest comes;
+    bytes that are not msgpack are rejected, and the decoder stays broken."""
+    if trailer == GARBAGE:
+        assert fed.error is not None and "undecodable" in str(fed.error)
+        with pytest.raises(ProtocolError):
+            fed.decoder.next_event()
+        return
+    assert fed.error is None
+    assert fed.decoder.buffered == len(trailer)
+    fed.decoder.receive_data(NEXT[len(trailer) :])
+    assert fed.decoder.next_event() == NEXT_EVENT
+    assert fed.decoder.next_event() is NEED_DATA and fed.decoder.buffered == 0
+
 
 MESSAGES = [
     (encode_request(7, "session.get", ["u1"]), Request(7, "session.get", ["u1"])),
@@ -60,17 +109,24 @@ MESSAGES = [
 
 
 @FEEDS
+@TRAILERS
 @pytest.mark.parametrize(("wire", "event"), MESSAGES)
-def test_each_envelope_decodes(feed: Any, wire: bytes, event: Any) -> None:
-    """Every kind of envelope decodes to its typed event, however it arrives."""
-    assert feed(wire) == [event]
+def test_each_envelope_decodes(feed: Any, trailer: bytes, wire: bytes, event: Any) -> None:
+    """Every kind of envelope decodes to its typed event, however it arrives and whatever
+    arrives behind it."""
+    fed = feed(wire + trailer)
+    assert fed.events == [event]
+    assert_trailer_kept(fed, trailer)
 
 
 @FEEDS
-def test_pipelined_messages_keep_their_order(feed: Any) -> None:
-    """Many messages in one buffer come out one by one, in order."""
+@TRAILERS
+def test_pipelined_messages_keep_their_order(feed: Any, trailer: bytes) -> None:
+    """Many messages in one buffer come out one by one, in order, before the trailing bytes."""
     wire = b"".join(encode_request(i, "ping", []) for i in range(50))
-    assert [event.msgid for event in feed(wire)] == list(range(50))
+    fed = feed(wire + trailer)
+    assert [event.msgid for event in fed.events] == list(range(50))
+    assert_trailer_kept(fed, trailer)
 
 
 def test_trailing_partial_message_waits_for_the_rest() -> None:
@@ -114,24 +170,32 @@ def test_truncated_message_is_never_returned() -> None:
         ("hello", None, "non-empty array"),
     ],
 )
-def test_wrong_envelope_shapes_are_invalid_not_fatal(obj: Any, msgid: Any, reason: str) -> None:
+@FEEDS
+@TRAILERS
+def test_wrong_envelope_shapes_are_invalid_not_fatal(
+    feed: Any, trailer: bytes, obj: Any, msgid: Any, reason: str
+) -> None:
     """Valid msgpack with a bad envelope is an Invalid event, and the stream goes on."""
-    wire = msgpack.packb(obj) + encode_request(5, "ping", [])
-    events = feed_whole(wire)
-    assert isinstance(events[0], Invalid)
-    assert events[0].msgid == msgid
-    assert reason in events[0].reason
-    assert events[1] == Request(5, "ping", [])
-
-
-def test_integer_map_keys_decode_for_a_clear_error_later() -> None:
-    """A map with integer keys is valid msgpack and must not kill the stream."""
-    assert feed_whole(encode_request(1, "cache.set", ["k", {1: 2}])) == [
-        Request(1, "cache.set", ["k", {1: 2}])
-    ]
+    fed = feed(msgpack.packb(obj) + encode_request(5, "ping", []) + trailer)
+    invalid, after = fed.events
+    assert isinstance(invalid, Invalid)
+    assert invalid.msgid == msgid
+    assert reason in invalid.reason
+    assert after == Request(5, "ping", [])
+    assert_trailer_kept(fed, trailer)
 
 
 @FEEDS
+@TRAILERS
+def test_integer_map_keys_decode_for_a_clear_error_later(feed: Any, trailer: bytes) -> None:
+    """A map with integer keys is valid msgpack and must not kill the stream."""
+    fed = feed(encode_request(1, "cache.set", ["k", {1: 2}]) + trailer)
+    assert fed.events == [Request(1, "cache.set", ["k", {1: 2}])]
+    assert_trailer_kept(fed, trailer)
+
+
+@FEEDS
+@TRAILERS
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -141,16 +205,15 @@ def test_integer_map_keys_decode_for_a_clear_error_later() -> None:
     ],
     ids=["reserved-byte", "bad-utf8", "deeply-nested"],
 )
-def test_undecodable_bytes_raise_and_stay_raised(feed: Any, garbage: bytes) -> None:
-    """Bytes that are not msgpack raise ProtocolError, and the decoder stays broken."""
-    decoder = Decoder(16384)
-    decoder.receive_data(encode_request(1, "ping", []) + garbage)
-    assert decoder.next_event() == Request(1, "ping", [])
-    with pytest.raises(ProtocolError, match="undecodable"):
-        drain(decoder)
-    decoder.receive_data(encode_request(2, "ping", []))
+def test_undecodable_bytes_raise_and_stay_raised(feed: Any, trailer: bytes, garbage: bytes) -> None:
+    """Bytes that are not msgpack raise ProtocolError after the message before them, and
+    the decoder stays broken: nothing behind them is read, now or later."""
+    fed = feed(encode_request(1, "ping", []) + garbage + trailer, 16384)
+    assert fed.events == [Request(1, "ping", [])]
+    assert fed.error is not None and "undecodable" in str(fed.error)
+    fed.decoder.receive_data(encode_request(2, "ping", []))
     with pytest.raises(ProtocolError):
-        decoder.next_event()
+        fed.decoder.next_event()
 
 
 @pytest.mark.parametrize(
@@ -174,18 +237,27 @@ def test_huge_length_headers_fail_without_buffering_gigabytes(header: bytes) -> 
     assert decoder.buffered <= LIMIT
 
 
-def test_message_of_exactly_the_limit_passes_and_one_byte_more_fails() -> None:
-    """The limit is on one message's encoded size, exact to the byte."""
+def request_of_size(size: int) -> bytes:
+    """A cache.set request whose encoding is ``size`` bytes long."""
+    base = encode_request(1, "cache.set", ["k", ""])
+    wire = encode_request(1, "cache.set", ["k", "x" * (size - len(base) - 2)])
+    assert len(wire) == size
+    return wire
 
-    def request_of_size(size: int) -> bytes:
-        base = encode_request(1, "cache.set", ["k", ""])
-        wire = encode_request(1, "cache.set", ["k", "x" * (size - len(base) - 2)])
-        assert len(wire) == size
-        return wire
 
-    assert feed_bytewise(request_of_size(LIMIT))[0].msgid == 1
-    with pytest.raises(ProtocolError, match="larger than"):
-        feed_whole(request_of_size(LIMIT + 1))
+@FEEDS
+@TRAILERS
+def test_message_of_exactly_the_limit_passes_and_one_byte_more_fails(
+    feed: Any, trailer: bytes
+) -> None:
+    """The limit is on one message's encoded size, exact to the byte: the bytes behind it
+    belong to the next message and count towards that one's limit."""
+    fed = feed(request_of_size(LIMIT) + trailer)
+    assert [event.msgid for event in fed.events] == [1]
+    assert_trailer_kept(fed, trailer)
+    too_large = feed(request_of_size(LIMIT + 1) + trailer)
+    assert too_large.events == []
+    assert too_large.error is not None and "larger than" in str(too_large.error)
 
 
 def test_limit_counts_a_message_made_of_many_small_items() -> None:
@@ -199,11 +271,14 @@ def test_limit_counts_a_message_made_of_many_small_items() -> None:
             assert decoder.next_event() is NEED_DATA
 
 
-def test_many_small_messages_in_one_buffer_exceed_no_limit() -> None:
+@TRAILERS
+def test_many_small_messages_in_one_buffer_exceed_no_limit(trailer: bytes) -> None:
     """The limit is per message: a buffer of many small ones is fine."""
     wire = b"".join(encode_request(i, "ping", ["x" * 100]) for i in range(200))
     assert len(wire) > 4 * LIMIT
-    assert len(feed_whole(wire)) == 200
+    fed = feed_whole(wire + trailer)
+    assert len(fed.events) == 200
+    assert_trailer_kept(fed, trailer)
 
 
 def test_request_encoding_round_trips() -> None:
@@ -218,25 +293,34 @@ def test_decoder_refuses_a_useless_limit() -> None:
 
 
 @FEEDS
+@TRAILERS
 @pytest.mark.parametrize(
     "key",
     [b"\x91\x01", b"\x81\xa1a\x01"],
     ids=["array-key", "map-key"],
 )
-def test_an_unhashable_map_key_is_a_protocol_error(feed: Any, key: bytes) -> None:
-    """A map keyed by an array or map raises ProtocolError (never a TypeError),
-    whole or byte by byte, and the decoder stays broken."""
+def test_an_unhashable_map_key_is_a_protocol_error(feed: Any, trailer: bytes, key: bytes) -> None:
+    """A map keyed by an array or map raises ProtocolError (never a TypeError), whole
+    or byte by byte, after the message before it; the decoder stays broken."""
     wire = encode_request(1, "ping", []) + b"\x94\x00\x02\xa4ping\x91\x81" + key + b"\x02"
-    with pytest.raises(ProtocolError, match="unsupported map key"):
-        feed(wire)
+    fed = feed(wire + trailer)
+    assert fed.events == [Request(1, "ping", [])]
+    assert fed.error is not None and "unsupported map key" in str(fed.error)
+    with pytest.raises(ProtocolError):
+        fed.decoder.next_event()
 
 
-def test_lone_surrogates_are_sent_as_replacement_characters() -> None:
+@FEEDS
+@TRAILERS
+def test_lone_surrogates_are_sent_as_replacement_characters(feed: Any, trailer: bytes) -> None:
     """A string UTF-8 cannot hold goes out with U+FFFD per surrogate, keys included."""
     wire = encode_response(3, None, {"a\udc00": ["x\ud83dy", 1]})
-    assert feed_whole(wire) == [Response(3, None, {"a\ufffd": ["x\ufffdy", 1]})]
-    note = encode_notification("workflow.event", ["\ud83d"])
-    assert feed_whole(note) == [Notification("workflow.event", ["\ufffd"])]
+    fed = feed(wire + trailer)
+    assert fed.events == [Response(3, None, {"a\ufffd": ["x\ufffdy", 1]})]
+    assert_trailer_kept(fed, trailer)
+    note = feed(encode_notification("workflow.event", ["\ud83d"]) + trailer)
+    assert note.events == [Notification("workflow.event", ["\ufffd"])]
+    assert_trailer_kept(note, trailer)
 
 
 @pytest.mark.parametrize("first", [*range(0x90, 0xA0), 0xDC, 0xDD])

@@ -72,7 +72,7 @@ async def put_state(domain: Domain, execution_id: str, raw: bytes, active: bool 
     await domain.store.set(domain.keys.workflow(execution_id), raw, 3_600_000)
     if active:
         swap = WorkflowSwap(execution_id, raw, None, None, active=True)
-        assert await domain.store.swap_workflow(domain.keys, swap)
+        assert await domain.store.swap_workflow(swap)
 
 
 # -- the daemon over a real redis-server, with the seed's bytes in it -------------------
@@ -210,7 +210,7 @@ async def test_lone_surrogates_are_repaired_on_every_backend(domain: Domain) -> 
     assert await domain.cache.get("h") == REPAIRED
     state = await domain.workflows.get("e1")
     assert state is not None and state["data"] == REPAIRED
-    assert (await domain.workflows.active_detailed())["workflows"] == [state]
+    assert await domain.workflows.active_detailed() == [state]
     assert await domain.store.get("wks:session:u1") == made["value"]  # untouched
 
 
@@ -275,14 +275,14 @@ async def test_degenerate_seed_states_on_every_backend(domain: Domain) -> None:
     await put_state(domain, "n", made["nulldata"])
     workflows = domain.workflows
     stats = await workflows.stats()
-    assert stats["activeExecutions"] == 2 and stats["averageProgress"] == 0
+    assert stats.active_executions == 2 and stats.average_progress == 0
     zero = await workflows.update("z", 0, "s", {"x": 1})
     assert zero["progress"] is None and "estimatedCompletion" not in zero
     assert zero["data"] == {"x": 1}
     assert (await workflows.update("n", 0, "s", None))["data"] is None  # left as written
     assert (await workflows.update("n", 1, "s", {"y": 2}))["data"] == {"y": 2}
-    assert (await workflows.stats())["averageProgress"] == 17  # (0 + 33) / 2 = 16.5
-    assert await workflows.cleanup() == {"cleaned": 0, "errors": 0}
+    assert (await workflows.stats()).average_progress == 17  # (0 + 33) / 2 = 16.5
+    assert await workflows.cleanup() == rules.Cleanup(cleaned=0, errors=0)
     assert (await workflows.complete("n", "failed", "e", None))["data"] == {"y": 2}
     assert (await workflows.complete("z", "cancelled", None, None))["progress"] is None
 
@@ -293,8 +293,8 @@ async def test_stats_counts_active_ids_whose_state_exists(domain: Domain) -> Non
         await domain.workflows.start(execution_id, "w", 2, {})
     await domain.store.delete("wks:workflow:c")
     stats = await domain.workflows.stats()
-    assert stats["activeExecutions"] == 2
-    assert stats["executionsByStatus"]["running"] == 2
+    assert stats.active_executions == 2
+    assert stats.by_status[rules.WorkflowStatus.RUNNING] == 2
 
 
 ODD_STATES: dict[str, Any] = {
@@ -332,7 +332,7 @@ async def test_odd_state_shapes_never_raise_internal(domain: Domain, shape: str)
     assert await workflows.get("x") == ODD_STATES[shape]
     await workflows.active_detailed()
     stats = await workflows.stats()
-    assert stats["activeExecutions"] == 1
+    assert stats.active_executions == 1
     await workflows.cleanup()
     for change in (
         lambda: workflows.update("x", 1, "s", {"k": 1}),
@@ -357,7 +357,7 @@ async def test_stored_bytes_that_are_not_json_read_as_no_value(domain: Domain, r
     workflows = domain.workflows
     assert await workflows.get("x") is None
     await workflows.active_detailed()
-    assert (await workflows.stats())["activeExecutions"] == 1
+    assert (await workflows.stats()).active_executions == 1
     await workflows.cleanup()
     with contextlib.suppress(Conflict):
         await workflows.update("x", 1, "s", {"k": 1})
@@ -370,12 +370,12 @@ async def test_numbers_beyond_javascripts_safe_integers_are_no_numbers(domain: D
     counts 0, a run with no readable time is stale, and no ETA comes from it."""
     state = {"status": "running", "totalSteps": 4, "progress": 2**53, "startedAt": 2**53}
     await put_state(domain, "x", json.dumps(state).encode())
-    assert (await domain.workflows.stats())["averageProgress"] == 0
+    assert (await domain.workflows.stats()).average_progress == 0
     assert "estimatedCompletion" not in await domain.workflows.update("x", 1, "s", None)
     state = {"status": "running", "totalSteps": 4, "progress": 2**53 - 1, "updatedAt": 2**53}
     await put_state(domain, "y", json.dumps(state).encode())
-    assert (await domain.workflows.stats())["averageProgress"] == round((2**53 - 1 + 25) / 2)
-    assert await domain.workflows.cleanup() == {"cleaned": 1, "errors": 0}
+    assert (await domain.workflows.stats()).average_progress == round((2**53 - 1 + 25) / 2)
+    assert await domain.workflows.cleanup() == rules.Cleanup(cleaned=1, errors=0)
     assert (await domain.workflows.get("y") or {})["status"] == "failed"
 
 
@@ -520,7 +520,7 @@ async def test_the_metadata_never_outlives_its_value(
     meta, meta_ttl = await daemon.store.get_with_ttl("wks:cache:meta:k")
     assert meta is not None and value_ttl is not None and meta_ttl is not None
     assert meta_ttl <= value_ttl
-    assert await daemon.store.cache_lookup(daemon.keys, "k") == (b'"v"', meta)  # bound
+    assert await daemon.store.cache_lookup("k") == (b'"v"', meta)  # bound
     clock.advance(11)
     token = (await peer.call("cache.lease", "k")).result["token"]
     await peer.call("cache.fill", "k", token, "w", 10, 0)
@@ -577,7 +577,7 @@ async def test_an_outage_cache_fill_goes_back(
     """A fill during an outage is journaled, value and metadata, and written back."""
     store, proxy = host
     await store.outage(proxy)
-    await store.store.cache_fill(KeySpace(), "k", b'"v"', 60_000, b"1 fingerprint")
+    await store.store.cache_fill("k", b'"v"', 60_000, b"1 fingerprint")
     assert store.store.pending_writes == 2
     await store.recovered(proxy)
     assert store.store.pending_writes == 0
@@ -592,14 +592,25 @@ async def test_an_outage_cache_fill_goes_back(
 
 
 @pytest.mark.parametrize("shape", sorted(ODD_STATES))
-def test_write_back_reads_any_state_shape(shape: str) -> None:
-    """What the write-back needs of a state (finished, updatedAt, completedAt) never raises."""
-    from wksd.store.failover import _state_times
+def test_cleanup_stamps_any_state_shape_for_the_write_back(shape: str) -> None:
+    """What the write-back compares a state by (updatedAt, finished) comes with cleanup's
+    swap for a map of any shape; a state that is no map is cleanup's error, nothing else."""
+    from clientlib.errors import WksError
+    from wksd.store.base import WorkflowStamp
+    from wksd.store.memory import MemoryStore
 
-    finished, updated_at, completed_at = _state_times(json.dumps(ODD_STATES[shape]).encode())
-    assert isinstance(updated_at, int) and (completed_at is None or type(completed_at) is int)
-    assert finished == (shape == "dict-id")
-    assert _state_times(b"{not json") == (False, 0, None)
+    workflows = Domain(MemoryStore(), KeySpace("wks:"), ManualClock()).workflows
+    state = ODD_STATES[shape]
+    try:
+        swap = workflows._cleanup_swap("x", json.dumps(state).encode(), NOW + 3_601_000)
+    except WksError:
+        assert not isinstance(state, dict)
+        return
+    assert swap is not None  # each is finished, or stale an hour on
+    if shape == "dict-id":  # completed, without an updatedAt or a usable completedAt
+        assert swap.stamp == WorkflowStamp(0, True, NOW + 3_601_000)
+    else:  # a stale run, failed now
+        assert swap.stamp == WorkflowStamp(NOW + 3_601_000, True, NOW + 3_601_000)
 
 
 def test_metadata_counts_only_for_the_bytes_it_was_written_for() -> None:

@@ -107,10 +107,10 @@ def test_notify_ready_watchdog_and_stopping(sock_path: str, notify: NotifyReceiv
     try:
         ready = notify.wait_for("READY", "1")
         assert ready["STATUS"] == "serving from memory (Redis disabled)"
-        assert ready["MAINPID"] == str(daemon.process.pid)  # type: ignore[union-attr]
+        assert daemon.process is not None and ready["MAINPID"] == str(daemon.process.pid)
         for _ in range(3):
             notify.wait_for("WATCHDOG", "1", timeout=5)
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        daemon.send_signal(signal.SIGTERM)
         notify.wait_for("STOPPING", "1")
         assert daemon.wait() == 0
     finally:
@@ -318,7 +318,7 @@ def test_sigterm_under_load_answers_every_request_in_flight(sock_path: str) -> N
         busy.wait(30)
         start = answered[0]
         wait_until(lambda: answered[0] >= start + 500, what="the load to run")
-        daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        daemon.send_signal(signal.SIGTERM)
         assert daemon.wait() == 0
         for thread in threads:
             thread.join(30)

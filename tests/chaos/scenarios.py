@@ -37,10 +37,11 @@ from clientlib import Client
 from clientlib.errors import WksError
 
 from ..polling import wait_until
+from ..processes import ROOT
 from ..redis_server import RedisServer
 from .checker import FAILURES, MISSING, Reader, check_keys, check_locks, read_log, seq_of
 from .faults import GAP, Faults
-from .procs import ROOT, ChaosDaemon, child_env, durable_redis
+from .procs import ChaosDaemon, child_env
 
 #: The default total load time of a run, over all scenarios: with start-up
 #: and settling, about two minutes of wall time (the CI run).
@@ -110,7 +111,7 @@ SCENARIOS: dict[str, Scenario] = {
 
 def backend(daemon: ChaosDaemon) -> str | None:
     try:
-        with Client(daemon.socket, timeout=2) as c:
+        with Client(daemon.path, timeout=2) as c:
             return c.health().backend
     except WksError:
         return None
@@ -150,7 +151,7 @@ def spawn(
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """Start one load process (``clients.py``) on ``daemon``; it and its log."""
     log = directory / f"{role}-{ident}.jsonl"
-    command = [sys.executable, "-m", "tests.chaos.clients", role, "--socket", daemon.socket]
+    command = [sys.executable, "-m", "tests.chaos.clients", role, "--socket", daemon.path]
     command += ["--log", str(log), "--stop", str(directory / "stop"), "--deadline", str(deadline)]
     command += ["--id", str(ident), "--seed", str(ident)]
     return subprocess.Popen(command, cwd=ROOT, env=child_env(), stdin=subprocess.DEVNULL), log
@@ -175,7 +176,7 @@ def run_scenario(
     began = time.monotonic()
     try:
         if scenario.redis:
-            redis_server = durable_redis(directory / "redis").start()
+            redis_server = RedisServer(directory / "redis", aof=True).start()
         url = redis_server.url if redis_server is not None else None
         for i in range(scenario.daemons):
             daemons.append(
@@ -224,7 +225,7 @@ def run_scenario(
         records = read_log(logs)
         if scenario.writers:
             with contextlib.ExitStack() as stack:
-                client = stack.enter_context(Client(daemons[0].socket, timeout=10))
+                client = stack.enter_context(Client(daemons[0].path, timeout=10))
                 views = {"wksd": wksd_reader(client)}
                 if redis_server is not None:
                     views["redis"] = redis_reader(stack.enter_context(redis_server.client()))
