@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
 
 import pytest
 import trio
@@ -158,12 +159,15 @@ def daemon_process(sock_path: str) -> Iterator[DaemonProcess]:
 @pytest.fixture
 def daemons(sock_path: str) -> Iterator[Callable[..., DaemonProcess]]:
     """Start daemon binaries, each with its environment and a socket named ``name``
-    beside ``sock_path``; every one is stopped after the test."""
+    beside ``sock_path`` (``options`` go to ``DaemonProcess``); every one is
+    stopped after the test."""
     started: list[DaemonProcess] = []
 
-    def start(env: Mapping[str, str] | None = None, name: str = "wksd.sock") -> DaemonProcess:
+    def start(
+        env: Mapping[str, str] | None = None, name: str = "wksd.sock", **options: Any
+    ) -> DaemonProcess:
         path = os.path.join(os.path.dirname(sock_path), name)
-        started.append(DaemonProcess(path, env).start())
+        started.append(DaemonProcess(path, env, **options).start())
         return started[-1]
 
     yield start

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
 
@@ -93,7 +93,8 @@ class DaemonProcess:
     and left behind for reading after a failed run); without it the log is an
     anonymous temporary file, the daemon's lines only. ``new_session`` puts
     the daemon out of reach of the terminal's Ctrl-C, for a caller that stops
-    its processes itself, in order.
+    its processes itself, in order. ``preexec_fn`` runs in the child before
+    the exec, as ``subprocess.Popen``'s does (to lower a resource limit, say).
     """
 
     def __init__(
@@ -103,11 +104,13 @@ class DaemonProcess:
         *args: str,
         log_path: Path | None = None,
         new_session: bool = False,
+        preexec_fn: Callable[[], object] | None = None,
     ) -> None:
         self.path = path
         self.args = args
         self.env = {**os.environ, "WKSD_LOG_LEVEL": "warning", **(env or {})}
         self.new_session = new_session
+        self.preexec_fn = preexec_fn
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log_path = log_path
@@ -135,6 +138,7 @@ class DaemonProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=self.new_session,
+            preexec_fn=self.preexec_fn,
         )
         try:
             wait_until_serving(self.path, self.process)

@@ -12,8 +12,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -32,7 +31,7 @@ from .peers import Connect, Peer
 from .polling import wait_until
 from .processes import DaemonProcess
 from .redis_server import RedisServer
-from .test_redis_faults import backend, redis_env
+from .test_redis_faults import serving_on_redis
 
 CLOSING = Notification("closing", ["wksd is shutting down"])
 
@@ -218,38 +217,19 @@ class Writers:
                 n += 1
 
 
-@pytest.fixture
-def daemons(sock_path: str) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def start(env: dict[str, str]) -> DaemonProcess:
-        started.append(DaemonProcess(sock_path, env).start())
-        wait_until(lambda: backend(sock_path) == "redis", what="redis serving")
-        return started[-1]
-
-    yield start
-    for daemon in started:
-        daemon.close()
-
-
 @pytest.mark.redis_server
 def test_restarts_under_load_lose_no_request_and_no_write(
-    sock_path: str, tmp_path: Path, daemons: Callable[[dict[str, str]], DaemonProcess]
+    sock_path: str, redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Busy clients through SIGTERM restarts: no ConnectionLost, every acknowledged write kept."""
-    redis_server = RedisServer(tmp_path / "redis").start()
-    try:
-        env = redis_env(redis_server.url, WKSD_STATE_DIR="")
-        daemon = daemons(env)
-        with Writers(sock_path) as writers:
-            for _ in range(RESTARTS):
-                writers.wait_for(WRITES_PER_LIFE)
-                assert daemon.stop(signal.SIGTERM) == 0
-                daemon = daemons(env)
+    daemon = serving_on_redis(daemons, redis_server.url, WKSD_STATE_DIR="")
+    with Writers(sock_path) as writers:
+        for _ in range(RESTARTS):
             writers.wait_for(WRITES_PER_LIFE)
-        assert writers.errors == []
-        with Client(sock_path) as c:
-            kept = {key: c.get_session(key) for key in writers.acked}
-        assert kept == {key: {"n": n} for key, n in writers.acked.items()}
-    finally:
-        redis_server.stop()
+            assert daemon.stop(signal.SIGTERM) == 0
+            daemon = serving_on_redis(daemons, redis_server.url, WKSD_STATE_DIR="")
+        writers.wait_for(WRITES_PER_LIFE)
+    assert writers.errors == []
+    with Client(sock_path) as c:
+        kept = {key: c.get_session(key) for key in writers.acked}
+    assert kept == {key: {"n": n} for key, n in writers.acked.items()}

@@ -14,9 +14,8 @@ import resource
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,7 +39,7 @@ from wksd.server import (
 
 from .peers import Connect
 from .polling import await_until, wait_until
-from .processes import DaemonProcess, require_binary, wait_until_serving
+from .processes import DaemonProcess, require_binary
 
 NOBODY = 65534
 
@@ -445,33 +444,20 @@ def _low_fd_limit() -> None:
 
 
 @pytest.fixture
-def starved_daemon(sock_path: str) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
+def starved_daemon(daemons: Callable[..., DaemonProcess]) -> DaemonProcess:
     """The daemon with only 64 fds (and a hard limit it cannot raise)."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the daemon
-    env = {**os.environ, "WKSD_LOG_LEVEL": "warning", "WKSD_STATE_DIR": ""}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "wksd", "--socket", sock_path],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_low_fd_limit,  # only setrlimit, before exec
-    )
-    try:
-        wait_until_serving(sock_path, process)
-        yield process, log
-    finally:
-        process.terminate()
-        process.wait(15)
-        log.close()
+    # preexec_fn does only setrlimit, before exec.
+    return daemons({"WKSD_STATE_DIR": ""}, preexec_fn=_low_fd_limit)
 
 
 def test_at_emfile_the_daemon_serves_its_connections_and_resumes(
-    sock_path: str, starved_daemon: tuple[subprocess.Popen[bytes], Any]
+    sock_path: str, starved_daemon: DaemonProcess
 ) -> None:
     """Out of fds, the daemon keeps answering its connections, the next client
     waits in the backlog, is served once fds free up, and the warning is
     logged a bounded number of times."""
-    process, log = starved_daemon
+    process = starved_daemon.process
+    assert process is not None
     started = time.monotonic()
     keeper = RawClient(sock_path)
     assert keeper.call("ping").result == "PONG"
@@ -509,8 +495,7 @@ def test_at_emfile_the_daemon_serves_its_connections_and_resumes(
     exposition = keeper.call("metrics").result
     assert metric(exposition, "wksd_accept_errors_total") > 0
     elapsed = time.monotonic() - started
-    log.seek(0)
-    output = log.read().decode(errors="replace")
+    output = starved_daemon.output
     warnings = output.count("cannot accept connections")
     print(
         f"EMFILE: {metric(exposition, 'wksd_accept_errors_total'):.0f} failed accepts, "

@@ -11,11 +11,10 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from clientlib import Client
@@ -52,26 +51,36 @@ def redis_status(path: str) -> str:
 
 
 def serving_on_redis(
-    daemon_on: Callable[..., DaemonProcess], url: str, **extra: str
+    daemons: Callable[..., DaemonProcess], url: str, **extra: str
 ) -> DaemonProcess:
-    """Start the daemon on Redis at ``url`` and wait until Redis serves it."""
-    daemon = daemon_on(redis_env(url, **extra))
-    wait_until(lambda: backend(daemon.path) == "redis", what="redis serving")
+    """Start the daemon on Redis at ``url`` (with ``daemons``, the conftest
+    fixture) and wait until Redis serves it."""
+    daemon = daemons(redis_env(url, **extra))
+    daemon.wait_for_backend("redis")
     return daemon
 
 
-@pytest.fixture
-def daemon_on(sock_path: str) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start the daemon binary with the given environment; stopped after the test."""
-    started: list[DaemonProcess] = []
+def two_daemons(daemons: Callable[..., DaemonProcess], url: str) -> list[str]:
+    """Two daemons on Redis at ``url``; their socket paths."""
+    return [daemons(redis_env(url), name).path for name in ("wksd.sock", "wksd2.sock")]
 
-    def start(env: dict[str, str], path: str = sock_path) -> DaemonProcess:
-        started.append(DaemonProcess(path, env).start())
-        return started[-1]
 
-    yield start
-    for daemon in started:
-        daemon.close()
+def in_threads(worker: Callable[[int], None], count: int = 8) -> list[BaseException]:
+    """Run ``worker(index)`` for each index in a thread of its own; what they raised."""
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as exc:  # every error is a test failure, kept to report
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
 
 
 class Load:
@@ -146,15 +155,14 @@ class Load:
 
 
 def test_outage_under_load_costs_no_errors_and_loses_nothing(
-    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Redis killed and restarted under load: no client error; every acknowledged write in Redis."""
     # Redis keeps its own data across the restart (AOF), so what is checked at
     # the end is wksd's part: what was written during the outage came back.
-    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
+    server = RedisServer(tmp_path / "redis", aof=True).start()
     try:
-        daemon = serving_on_redis(daemon_on, server.url)
+        daemon = serving_on_redis(daemons, server.url)
         with Load(daemon.path) as load:
             load.wait_ops(200)
             server.kill()
@@ -175,10 +183,10 @@ def test_outage_under_load_costs_no_errors_and_loses_nothing(
 
 
 def test_stalled_redis_counts_as_down_after_the_timeout(
-    redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
+    redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Redis frozen with SIGSTOP: no error, no request longer than the timeout plus a margin."""
-    daemon = serving_on_redis(daemon_on, redis_server.url)
+    daemon = serving_on_redis(daemons, redis_server.url)
     with Load(daemon.path) as load:
         load.wait_ops(200)
         redis_server.pause()
@@ -198,11 +206,11 @@ def test_stalled_redis_counts_as_down_after_the_timeout(
 
 
 def test_daemon_started_while_redis_is_down_switches_over(
-    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Started with no Redis: serves from memory, and moves to Redis when it appears."""
     port = free_port()
-    daemon = daemon_on(redis_env(f"redis://127.0.0.1:{port}/0"))
+    daemon = daemons(redis_env(f"redis://127.0.0.1:{port}/0"))
     with Client(daemon.path) as c:
         health = c.health()
         assert (health.status, health.backend, health.redis_status) == (
@@ -225,71 +233,47 @@ def test_daemon_started_while_redis_is_down_switches_over(
 
 
 def test_two_daemons_never_let_two_workers_hold_one_lock(
-    redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess], sock_path: str
+    redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Workers racing through two daemons on one Redis are never inside one lock together."""
-    paths = [sock_path, sock_path.replace("wksd.sock", "wksd2.sock")]
-    for path in paths:
-        daemon_on(redis_env(redis_server.url), path)
+    paths = two_daemons(daemons, redis_server.url)
     inside: dict[str, int] = {}
     guard = threading.Lock()
-    errors: list[BaseException] = []
     held = [0]
 
     def worker(index: int) -> None:
-        try:
-            with Client(paths[index % 2]) as c:
-                for round_ in range(60):
-                    lock_id = f"shared-{round_ % 3}"
-                    if not c.lock_workflow_execution(lock_id, f"worker-{index}", ttl=30):
-                        continue
-                    with guard:
-                        inside[lock_id] = inside.get(lock_id, 0) + 1
-                        assert inside[lock_id] == 1, f"two holders of {lock_id}"
-                        held[0] += 1
-                    c.ping()  # hold it across a round trip
-                    with guard:
-                        inside[lock_id] -= 1
-                    assert c.unlock_workflow_execution(lock_id, f"worker-{index}")
-        except BaseException as exc:
-            errors.append(exc)
+        with Client(paths[index % 2]) as c:
+            for round_ in range(60):
+                lock_id = f"shared-{round_ % 3}"
+                if not c.lock_workflow_execution(lock_id, f"worker-{index}", ttl=30):
+                    continue
+                with guard:
+                    inside[lock_id] = inside.get(lock_id, 0) + 1
+                    assert inside[lock_id] == 1, f"two holders of {lock_id}"
+                    held[0] += 1
+                c.ping()  # hold it across a round trip
+                with guard:
+                    inside[lock_id] -= 1
+                assert c.unlock_workflow_execution(lock_id, f"worker-{index}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    assert in_threads(worker) == []
     assert held[0] > 0
 
 
 def test_two_daemons_never_lose_a_workflow_update(
-    redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess], sock_path: str
+    redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Concurrent updates of one execution through two daemons all land (data merged)."""
-    paths = [sock_path, sock_path.replace("wksd.sock", "wksd2.sock")]
-    for path in paths:
-        daemon_on(redis_env(redis_server.url), path)
+    paths = two_daemons(daemons, redis_server.url)
     with Client(paths[0]) as c:
         c.start_workflow_tracking("shared", "w", 1000)
-    errors: list[BaseException] = []
 
     def worker(index: int) -> None:
-        try:
-            with Client(paths[index % 2]) as c:
-                for round_ in range(25):
-                    c.update_workflow_progress(
-                        "shared", 1, f"w{index}", {f"w{index}-{round_}": round_}
-                    )
-        except BaseException as exc:
-            errors.append(exc)
+        with Client(paths[index % 2]) as c:
+            for round_ in range(25):
+                c.update_workflow_progress("shared", 1, f"w{index}", {f"w{index}-{round_}": round_})
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert errors == []
+    assert in_threads(worker) == []
     with Client(paths[1]) as c:
         state = c.fetch_workflow_state("shared")
     assert state is not None
@@ -297,10 +281,10 @@ def test_two_daemons_never_lose_a_workflow_update(
 
 
 def test_one_command_connection_however_many_clients(
-    redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
+    redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Twenty busy clients, one Redis connection named wksd (CLIENT LIST)."""
-    daemon = serving_on_redis(daemon_on, redis_server.url)
+    daemon = serving_on_redis(daemons, redis_server.url)
     clients = [Client(daemon.path) for _ in range(20)]
     barrier = threading.Barrier(21)
 
@@ -325,7 +309,7 @@ def test_one_command_connection_however_many_clients(
 
 
 def test_password_from_a_systemd_credential(
-    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """$CREDENTIALS_DIRECTORY/redis-password logs in; a wrong one is status "error"."""
     server = RedisServer(tmp_path / "auth", "--requirepass", "from-credential").start()
@@ -333,10 +317,10 @@ def test_password_from_a_systemd_credential(
     credentials.mkdir()
     (credentials / "redis-password").write_text("from-credential\n")
     try:
-        good = serving_on_redis(daemon_on, server.url, CREDENTIALS_DIRECTORY=str(credentials))
-        bad = daemon_on(
+        good = serving_on_redis(daemons, server.url, CREDENTIALS_DIRECTORY=str(credentials))
+        bad = daemons(
             redis_env(server.url, REDIS_PASSWORD="wrong"),
-            good.path.replace("wksd.sock", "bad.sock"),
+            "bad.sock",
         )
         wait_until(lambda: redis_status(bad.path) == "error", what="status error")
         assert "wrong" not in bad.output and "from-credential" not in good.output
@@ -345,7 +329,7 @@ def test_password_from_a_systemd_credential(
 
 
 def test_rediss_url_connects_over_tls(
-    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """rediss:// with a CA connects over TLS; the data lands in Redis as usual."""
     openssl = require_binary("openssl")
@@ -376,7 +360,7 @@ def test_rediss_url_connects_over_tls(
     server = RedisServer(tmp_path / "tls", tls=(cert, key)).start()
     try:
         url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={cert}"
-        daemon = serving_on_redis(daemon_on, url)
+        daemon = serving_on_redis(daemons, url)
         with Client(daemon.path) as c:
             c.set_session("over-tls", {"ok": True})
         with server.client() as direct:
@@ -387,10 +371,10 @@ def test_rediss_url_connects_over_tls(
 
 
 def test_keys_are_the_seeds_layout(
-    redis_server: RedisServer, daemon_on: Callable[..., DaemonProcess]
+    redis_server: RedisServer, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """What wksd writes is what the TypeScript app reads, and the other way round."""
-    daemon = serving_on_redis(daemon_on, redis_server.url)
+    daemon = serving_on_redis(daemons, redis_server.url)
     with Client(daemon.path) as c, redis_server.client() as direct:
         c.set_session("u1", {"role": "admin"})
         c.cache_api_response("abc123", {"items": [1]})
@@ -414,7 +398,7 @@ def test_keys_are_the_seeds_layout(
 
 
 def test_sentinel_failover_is_followed_without_client_errors(
-    tmp_path: Path, daemon_on: Callable[..., DaemonProcess]
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
 ) -> None:
     """Master killed, Sentinel promotes the replica: the daemon follows; no client error."""
     master = RedisServer(tmp_path / "master").start()
@@ -430,7 +414,7 @@ def test_sentinel_failover_is_followed_without_client_errors(
         sentinel=True,
     ).start()
     try:
-        daemon = serving_on_redis(daemon_on, f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster")
+        daemon = serving_on_redis(daemons, f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster")
         with sentinel.client() as watch:
             wait_until(
                 lambda: watch.execute_command("SENTINEL", "REPLICAS", "mymaster"),
