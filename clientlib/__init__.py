@@ -9,7 +9,11 @@ trio or redis (DESIGN section 1).
         c.set_session("user123", {"role": "admin"}, ttl=86400)
 
 ``AsyncClient`` (trio or asyncio, needs anyio: the ``async`` extra) is loaded
-on first use, so ``import clientlib`` still imports no event loop.
+on first use, so ``import clientlib`` still imports no event loop; without
+anyio, asking for it raises an ``ImportError`` that says what to install.
+
+The in-process daemon for testing workers is ``wksd.testing``: it is the
+daemon, and this package imports nothing of it.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -1,21 +1,23 @@
 """Every client method, written once, as a description of the call.
 
 Each function here takes the method's Python arguments and returns a
-``Call``: the wire method, its params, and how to turn the raw result into
-the typed value the caller gets. The sync client runs a ``Call`` over a
-blocking socket and the async clients await it; neither repeats a method's
-arguments, defaults or conversions.
+``Call``: the wire method, its params, how to turn the raw result into the
+typed value the caller gets, and what the answer does to the keepalive locks
+the connection watches. ``clientlib._api`` declares each as a method of both
+clients; the sync client runs a ``Call`` over a blocking socket and the async
+client awaits it; neither repeats a method's arguments, defaults or
+conversions. (The methods of more than one call are in ``clientlib._flows``.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ._held import KeepAlive, OnLost, Release
 from ._jsjson import stringify
 from ._types import (
     CleanupResult,
@@ -26,7 +28,6 @@ from ._types import (
     WorkflowState,
     WorkflowStats,
 )
-from .errors import ComputeFailed, RequestTimeout
 
 __all__ = ["Call", "cache_key", "canonical_cache_key"]
 
@@ -52,6 +53,8 @@ class Call(Generic[T]):
     #: Seconds the daemon may legitimately take on top of the client's
     #: timeout: a blocking acquire or a cache lease waits that long first.
     extra_timeout: float = 0.0
+    #: What the answer does to the keepalive locks its connection watches.
+    locks: KeepAlive | Release | None = None
 
 
 def cache_key(params: Any) -> str:
@@ -79,6 +82,11 @@ def _optional_state(state: Any) -> WorkflowState | None:
     """A state, or None: absent, or stored by another program as something
     other than a map (``call("workflow.get", ...)`` gives it as it is)."""
     return WorkflowState.from_wire(state) if isinstance(state, dict) else None
+
+
+def call(method: str, /, *params: Any) -> Call[Any]:
+    """Call any method with positional params; the raw result."""
+    return Call(method, list(params))
 
 
 def ping() -> Call[str]:
@@ -188,18 +196,25 @@ def acquire_lock(
     ttl: float = LOCK_TTL,
     keepalive: bool = False,
     wait: float = 0,
+    *,
+    on_lost: OnLost | None = None,
 ) -> Call[LockResult]:
     """Take the execution lock; the result carries the fencing token.
 
     ``keepalive``: the daemon extends the lock while this connection is open
-    and releases it when the connection closes. ``wait``: seconds to queue for
-    the lock if another worker holds it (0: answer at once).
+    and releases it when the connection closes; the result's ``lost`` then
+    turns true, and ``on_lost(lock)`` is called, once the client learns that
+    the lock ended before this worker released it (the async client as soon
+    as it reads so, the sync client when it next reads its socket: see each
+    client's module doc). ``wait``: seconds to queue for the lock if another
+    worker holds it (0: answer at once).
     """
     return Call(
         "lock.acquire",
         [execution_id, worker_id, ttl, keepalive, wait],
         LockResult.from_wire,
         extra_timeout=wait,
+        locks=KeepAlive(execution_id, worker_id, on_lost) if keepalive else None,
     )
 
 
@@ -211,21 +226,28 @@ def lock_workflow_execution(
     wait: float = 0,
 ) -> Call[bool]:
     """Take the execution lock (see ``acquire_lock``); True when this worker holds it."""
-    call = acquire_lock(execution_id, worker_id, ttl, keepalive, wait)
+    taking = acquire_lock(execution_id, worker_id, ttl, keepalive, wait)
     return Call(
-        call.method, call.params, lambda result: bool(result["acquired"]), call.extra_timeout
+        taking.method, taking.params, lambda result: bool(result["acquired"]), taking.extra_timeout
     )
 
 
 def unlock_workflow_execution(execution_id: str, worker_id: str) -> Call[bool]:
     """Release the lock if this worker holds it; True when it was released."""
-    return Call("lock.release", [execution_id, worker_id], lambda result: bool(result["released"]))
+    return _release(execution_id, worker_id, lambda result: bool(result["released"]))
 
 
 def release_lock(execution_id: str, worker_id: str) -> Call[str]:
     """Release the lock if this worker holds it; the status (``released``,
     ``not_owner``, ``not_found``), for ``execute_with_lock``."""
-    return Call("lock.release", [execution_id, worker_id], lambda result: str(result["status"]))
+    return _release(execution_id, worker_id, lambda result: str(result["status"]))
+
+
+def _release(execution_id: str, worker_id: str, convert: Callable[[Any], T]) -> Call[T]:
+    """A ``lock.release``; once answered, its connection stops watching the lock."""
+    return Call(
+        "lock.release", [execution_id, worker_id], convert, locks=Release(execution_id, worker_id)
+    )
 
 
 def extend_workflow_lock(execution_id: str, worker_id: str, ttl: float = LOCK_TTL) -> Call[bool]:
@@ -252,39 +274,6 @@ def cache_fill(
 
 def cache_abandon(key: str, token: str, error: str) -> Call[dict[str, Any]]:
     return Call("cache.abandon", [key, token, error])
-
-
-def lease_outcome(key: str, answer: dict[str, Any]) -> tuple[bool, Any]:
-    """What a ``cache.lease`` answer means for ``get_or_compute``, in both clients.
-
-    ``(True, value)``: return the value. ``(False, token)``: compute it, then
-    fill (or abandon) with the token. Raises ``ComputeFailed`` when the caller
-    computing it failed, ``RequestTimeout`` when waiting for it ran out.
-    """
-    status = answer.get("status")
-    if status == "hit":
-        return True, answer["value"]
-    if status == "stale":
-        token = answer.get("token")
-        return (True, answer["value"]) if token is None else (False, token)
-    if status == "lease":
-        return False, answer["token"]
-    if status == "failed":
-        raise ComputeFailed(str(answer.get("error")))
-    raise RequestTimeout(f"waited too long for another caller to compute {key!r}")
-
-
-def describe_failure(exc: BaseException) -> str:
-    """What the waiting callers are told when ``fn`` raised ``exc``."""
-    return f"{type(exc).__name__}: {exc}"[:4096]
-
-
-def jittered(ttl: float, jitter: float) -> float:
-    """``ttl`` moved by up to ``jitter`` of itself either way, so entries written
-    together do not all expire together."""
-    if jitter <= 0:
-        return ttl
-    return ttl * (1 + random.uniform(-jitter, jitter))
 
 
 def workflow_events(

@@ -9,20 +9,23 @@ when the connection ends, since the daemon releases a connection's keepalive
 locks when it closes. Closing the client on purpose forgets its locks
 instead: that is a release, not a loss.
 
-Sans-IO, as the protocol: the clients feed it what they read and call the
-callbacks it hands back (``fire``) where it is safe for them.
+Sans-IO, as the protocol: ``clientlib._connection`` feeds it what it reads
+(a call's ``KeepAlive`` or ``Release`` says what its answer does to the
+locks), and the clients call the callbacks it hands back (``fire``) where it
+is safe for them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from ._types import LockResult
 from .errors import LockLost
 
-__all__ = ["DISCONNECTED", "HeldLocks", "OnLost", "fire", "lock_lost"]
+__all__ = ["DISCONNECTED", "HeldLocks", "KeepAlive", "OnLost", "Release", "fire", "lock_lost"]
 
 log = logging.getLogger("clientlib")
 
@@ -35,6 +38,25 @@ DISCONNECTED: Final = "disconnected"
 _UNSPECIFIED: Final = "lost"
 #: The release status that means the lock was still ours.
 _RELEASED: Final = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """Carried by a keepalive ``lock.acquire`` call: the connection that grants
+    the lock watches it from the moment it reads the grant."""
+
+    execution_id: str
+    worker_id: str
+    on_lost: OnLost | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Carried by a ``lock.release`` call: once it is answered, the connection
+    stops watching the lock (the worker released it: nothing more to tell)."""
+
+    execution_id: str
+    worker_id: str
 
 
 class HeldLocks:
@@ -95,7 +117,7 @@ def _mark(locks: list[LockResult], reason: str) -> list[LockResult]:
     return marked
 
 
-def fire(locks: list[LockResult]) -> None:
+def fire(locks: Iterable[LockResult]) -> None:
     """Call the ``on_lost`` callbacks of ``locks``; a callback's error is logged, not raised."""
     for lock in locks:
         callback = lock._watch.on_lost

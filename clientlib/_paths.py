@@ -1,12 +1,18 @@
-"""Where the daemon's socket lives by default (DESIGN section 6)."""
+"""Where the daemon's socket lives by default (DESIGN section 6).
+
+Both functions take what they look at as arguments (the environment, and
+whether a path exists), defaulting to the process's own, so the rules are
+tested without depending on the host's ``/run``.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-__all__ = ["default_socket_path", "resolve_socket_path"]
+__all__ = ["SYSTEM_SOCKET", "default_socket_path", "resolve_socket_path"]
 
+#: The system unit's socket (systemd/wksd.socket): the last default.
 SYSTEM_SOCKET = "/run/wksd/wksd.sock"
 
 
@@ -30,15 +36,19 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
 
 
 def resolve_socket_path(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    exists: Callable[[str], bool] = os.path.exists,
 ) -> str:
     """The path a client connects to.
 
     An explicit ``path`` wins, then ``$WKSD_SOCKET``. Otherwise the daemon's
-    default chain is walked and the first socket that exists is taken: a
+    default chain is walked and the first socket that ``exists`` is taken: a
     worker run by systemd has a ``$RUNTIME_DIRECTORY`` of its own, which is
     not the daemon's, and must still find ``/run/wksd/wksd.sock``. When none
     exists, the first candidate is returned so the error names it.
+    ``environ`` defaults to ``os.environ``.
     """
     if path is not None:
         return os.fspath(path)
@@ -48,6 +58,6 @@ def resolve_socket_path(
         return explicit
     candidates = _candidates(environ)
     for candidate in candidates:
-        if os.path.exists(candidate):
+        if exists(candidate):
             return candidate
     return candidates[0]

@@ -12,8 +12,7 @@ import inspect
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -44,19 +43,16 @@ from clientlib import (
 from clientlib._async import _DISCONNECTED
 from clientlib.protocol import (
     Decoder,
-    Request,
     encode_notification,
     encode_response,
 )
 
+from .fakes import FakeDaemon, answer, fake_daemons, read_requests  # noqa: F401 (the fixture)
 from .polling import await_until
 from .processes import DaemonProcess
 
 Scenario = Callable[[], Awaitable[None]]
 Runner = Callable[[Scenario], None]
-
-#: How long a fake daemon thread waits for the test to be done with it.
-FAKE_LIFETIME = 10.0
 
 
 @pytest.fixture(params=["trio", "asyncio"])
@@ -184,6 +180,27 @@ def test_every_sync_method_is_an_async_method() -> None:
             assert inspect.isasyncgenfunction(inspect.unwrap(async_member))
         else:
             assert inspect.iscoroutinefunction(async_member), name
+
+
+def test_the_shared_methods_are_real_methods_of_each_client() -> None:
+    """The methods declared once (clientlib._api) are functions on Client and coroutine
+    functions on AsyncClient (execute_with_lock: a context manager of each kind), with
+    the same parameters and docstring, and an instance's signature as help() shows it."""
+    shared = [name for name in dir(Client) if not name.startswith("_") and name not in vars(Client)]
+    assert {"ping", "acquire_lock", "execute_with_lock", "get_or_compute", "call"} <= set(shared)
+    for name in shared:
+        member, async_member = getattr(Client, name), getattr(AsyncClient, name)
+        assert parameters(async_member) == parameters(member), name
+        assert async_member.__doc__ == member.__doc__, name
+        assert not inspect.iscoroutinefunction(member), name
+        assert inspect.iscoroutinefunction(async_member) is (name != "execute_with_lock"), name
+    client = Client("/nonexistent/wksd.sock")
+    assert str(inspect.signature(client.touch_session)) == "(user_id: 'str', ttl: 'float' = 86400)"
+    assert str(inspect.signature(client.ping)) == "()"
+    block = client.execute_with_lock("e1", "w1")
+    assert hasattr(block, "__enter__") and not hasattr(block, "__aenter__")
+    async_block = AsyncClient("/nonexistent/wksd.sock").execute_with_lock("e1", "w1")
+    assert hasattr(async_block, "__aenter__") and not hasattr(async_block, "__enter__")
 
 
 @pytest.mark.parametrize(
@@ -465,75 +482,6 @@ def test_the_block_error_is_not_wrapped(run: Runner, path: str) -> None:
 
 # -- a fake daemon, for what the real one never does -------------------------
 
-Behaviour = Callable[[socket.socket, Decoder], None]
-
-
-def read_requests(conn: socket.socket, decoder: Decoder, count: int) -> list[Request]:
-    """Block until ``count`` more requests have arrived (or the client hung up)."""
-    requests: list[Request] = []
-    while len(requests) < count:
-        event = decoder.next_event()
-        if isinstance(event, Request):
-            requests.append(event)
-            continue
-        data = conn.recv(65536)
-        if not data:
-            break
-        decoder.receive_data(data)
-    return requests
-
-
-def answer(conn: socket.socket, request: Request, result: Any) -> None:
-    conn.sendall(encode_response(request.msgid, None, result))
-
-
-class FakeDaemon:
-    """A socket in a thread that serves each accepted connection with the next behaviour."""
-
-    def __init__(self, path: str, behaviours: list[Behaviour]) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.listener.settimeout(FAKE_LIFETIME)
-        self.done = threading.Event()
-        self.connections = 0
-        self.thread = threading.Thread(target=self._serve, args=(behaviours,), daemon=True)
-        self.thread.start()
-
-    def _serve(self, behaviours: list[Behaviour]) -> None:
-        held = []
-        try:
-            for behave in behaviours:
-                conn, _ = self.listener.accept()
-                self.connections += 1
-                held.append(conn)
-                behave(conn, Decoder())
-            self.done.wait(FAKE_LIFETIME)
-        except OSError:
-            pass  # the listener was closed: the test is over
-        finally:
-            for conn in held:
-                conn.close()
-
-    def close(self) -> None:
-        self.done.set()
-        self.listener.close()
-        self.thread.join(FAKE_LIFETIME)
-
-
-@pytest.fixture
-def fake(sock_path: str) -> Iterator[Callable[..., FakeDaemon]]:
-    """Make a FakeDaemon on ``sock_path``: one behaviour per connection it accepts."""
-    made: list[FakeDaemon] = []
-
-    def make(*behaviours: Behaviour) -> FakeDaemon:
-        made.append(FakeDaemon(sock_path, list(behaviours)))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.close()
-
 
 def test_silent_daemon_is_a_request_timeout(
     run: Runner, sock_path: str, fake: Callable[..., FakeDaemon]
@@ -707,7 +655,7 @@ def test_async_client_is_imported_only_when_asked_for() -> None:
         "loops = ('anyio', 'asyncio', 'trio', 'sniffio')\n"
         "print([m for m in loops if m in sys.modules])\n"
         "clientlib.AsyncClient\n"
-        "print('anyio' in sys.modules, 'clientlib.testing' in sys.modules)\n"
+        "print('anyio' in sys.modules, 'wksd' in sys.modules)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,10 @@ from clientlib import (
     cache_key,
     resolve_socket_path,
 )
-from clientlib.protocol import encode_notification
+from clientlib._paths import SYSTEM_SOCKET
+from clientlib.protocol import Decoder, encode_notification, encode_response
 
+from .fakes import FakeDaemon, answer, fake_daemons, read_requests  # noqa: F401 (the fixture)
 from .processes import DaemonProcess
 
 
@@ -186,74 +189,79 @@ def test_unavailable_daemon_is_daemon_unavailable(sock_path: str) -> None:
         c.ping()
 
 
-class FakeDaemon:
-    """A socket that accepts one client and does what the test says."""
-
-    def __init__(self, path: str, behave: Callable[[socket.socket], None]) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen()
-        self.done = threading.Event()
-
-        def serve() -> None:
-            conn, _ = self.listener.accept()
-            with conn:
-                behave(conn)
-                self.done.wait(10)
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join(10)
-        self.listener.close()
-
-
-@pytest.fixture
-def fake(sock_path: str) -> Iterator[Callable[[Callable[[socket.socket], None]], FakeDaemon]]:
-    made: list[FakeDaemon] = []
-
-    def make(behave: Callable[[socket.socket], None]) -> FakeDaemon:
-        made.append(FakeDaemon(sock_path, behave))
-        return made[-1]
-
-    yield make
-    for daemon in made:
-        daemon.close()
-
-
-def test_silent_daemon_is_a_request_timeout(sock_path: str, fake: Callable) -> None:
+def test_silent_daemon_is_a_request_timeout(
+    sock_path: str, fake: Callable[..., FakeDaemon]
+) -> None:
     """No answer within the timeout raises RequestTimeout."""
-    fake(lambda conn: conn.recv(100))
+    fake(lambda conn, decoder: read_requests(conn, decoder, 1))
     with Client(sock_path, timeout=0.3) as c, pytest.raises(RequestTimeout):
         c.ping()
 
 
-def test_connection_dropped_mid_request_is_connection_lost(sock_path: str, fake: Callable) -> None:
+def test_connection_dropped_mid_request_is_connection_lost(
+    sock_path: str, fake: Callable[..., FakeDaemon]
+) -> None:
     """A daemon that reads the request and closes raises ConnectionLost (not retried)."""
-    fake(lambda conn: (conn.recv(100), conn.shutdown(socket.SHUT_RDWR)))
+    fake(lambda conn, decoder: (read_requests(conn, decoder, 1), conn.shutdown(socket.SHUT_RDWR)))
     with Client(sock_path) as c, pytest.raises(ConnectionLost):
         c.ping()
 
 
-def test_garbage_from_the_daemon_is_a_protocol_error(sock_path: str, fake: Callable) -> None:
+def test_garbage_from_the_daemon_is_a_protocol_error(
+    sock_path: str, fake: Callable[..., FakeDaemon]
+) -> None:
     """Bytes that are not msgpack raise ProtocolError."""
-    fake(lambda conn: (conn.recv(100), conn.sendall(b"\xc1\xc1")))
+    fake(lambda conn, decoder: (read_requests(conn, decoder, 1), conn.sendall(b"\xc1\xc1")))
     with Client(sock_path) as c, pytest.raises(ProtocolError):
         c.ping()
 
 
-def test_protocol_error_notice_is_raised(sock_path: str, fake: Callable) -> None:
+def test_protocol_error_notice_is_raised(sock_path: str, fake: Callable[..., FakeDaemon]) -> None:
     """The daemon's protocol_error notification becomes ProtocolError with its text."""
     fake(
-        lambda conn: (
-            conn.recv(100),
+        lambda conn, decoder: (
+            read_requests(conn, decoder, 1),
             conn.sendall(encode_notification("protocol_error", ["too big"])),
         )
     )
     with Client(sock_path) as c, pytest.raises(ProtocolError, match="too big"):
         c.ping()
+
+
+def test_a_late_answer_is_dropped(sock_path: str, fake: Callable[..., FakeDaemon]) -> None:
+    """The answer to a call that timed out never reaches the next call."""
+
+    def behave(conn: socket.socket, decoder: Decoder) -> None:
+        first, second = read_requests(conn, decoder, 2)  # the second comes after the timeout
+        answer(conn, first, "late")
+        answer(conn, second, "mine")
+
+    fake(behave)
+    with Client(sock_path, timeout=0.3) as c:
+        with pytest.raises(RequestTimeout):
+            c.call("first")
+        assert c.call("second") == "mine"
+
+
+def test_closing_notice_moves_the_next_call_to_a_new_connection(
+    sock_path: str, fake: Callable[..., FakeDaemon]
+) -> None:
+    """After the answer that came with a closing notice, the next call connects afresh."""
+
+    def closing(conn: socket.socket, decoder: Decoder) -> None:
+        (request,) = read_requests(conn, decoder, 1)
+        old = encode_response(request.msgid, None, "old")
+        conn.sendall(old + encode_notification("closing", ["shutdown"]))
+
+    def fresh(conn: socket.socket, decoder: Decoder) -> None:
+        (request,) = read_requests(conn, decoder, 1)
+        answer(conn, request, "new")
+
+    daemon = fake(closing, fresh)
+    with Client(sock_path) as c:
+        assert c.call("one") == "old"
+        assert c.call("two") == "new"
+    assert daemon.connections == 2
 
 
 def test_one_client_shared_by_threads(client: Client) -> None:
@@ -291,13 +299,31 @@ def test_cache_key_is_md5_of_json_stringify() -> None:
 
 def test_socket_path_resolution(tmp_path: os.PathLike[str]) -> None:
     """Explicit path, then $WKSD_SOCKET, then the first default socket that exists."""
-    assert resolve_socket_path("/x.sock", {}) == "/x.sock"
-    assert resolve_socket_path(None, {"WKSD_SOCKET": "/y.sock"}) == "/y.sock"
+    present: set[str] = set()  # the sockets that exist, whatever this host's /run holds
+    exists = present.__contains__
+    assert resolve_socket_path("/x.sock", {}, exists=exists) == "/x.sock"
+    assert resolve_socket_path(None, {"WKSD_SOCKET": "/y.sock"}, exists=exists) == "/y.sock"
     env = {"RUNTIME_DIRECTORY": "/nonexistent-rt", "XDG_RUNTIME_DIR": str(tmp_path)}
-    assert resolve_socket_path(None, env) == "/nonexistent-rt/wksd.sock"
-    os.makedirs(os.path.join(tmp_path, "wksd"))
-    open(os.path.join(tmp_path, "wksd", "wksd.sock"), "w").close()
-    assert resolve_socket_path(None, env) == os.path.join(tmp_path, "wksd", "wksd.sock")
+    assert resolve_socket_path(None, env, exists=exists) == "/nonexistent-rt/wksd.sock"
+    present.add(os.path.join(tmp_path, "wksd", "wksd.sock"))
+    assert resolve_socket_path(None, env, exists=exists) == os.path.join(
+        tmp_path, "wksd", "wksd.sock"
+    )
+
+
+def test_a_worker_with_a_runtime_directory_of_its_own_finds_the_system_socket() -> None:
+    """A worker run by systemd has its own $RUNTIME_DIRECTORY; the system socket is found."""
+    env = {"RUNTIME_DIRECTORY": "/run/my-worker"}
+    assert resolve_socket_path(None, env, exists={SYSTEM_SOCKET}.__contains__) == SYSTEM_SOCKET
+    assert resolve_socket_path(None, env, exists=lambda _: False) == "/run/my-worker/wksd.sock"
+
+
+def test_socket_path_resolution_reads_the_real_filesystem_by_default(tmp_path: Path) -> None:
+    """Without ``exists``, a socket file on disk is what counts."""
+    env = {"XDG_RUNTIME_DIR": str(tmp_path)}
+    (tmp_path / "wksd").mkdir()
+    (tmp_path / "wksd" / "wksd.sock").touch()
+    assert resolve_socket_path(None, env) == str(tmp_path / "wksd" / "wksd.sock")
 
 
 def test_importing_clientlib_pulls_in_no_event_loop_or_redis() -> None:

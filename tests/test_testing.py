@@ -1,4 +1,4 @@
-"""clientlib.testing: the real daemon in a thread of the test process.
+"""wksd.testing: the real daemon in a thread of the test process.
 
 ``TestDaemon`` is imported into this module on purpose: pytest must not try
 to collect it as a test class (it would warn, and warnings are errors here).
@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from clientlib import Client, Full
-from clientlib.testing import TestDaemon, running_daemon, wksd_daemon  # noqa: F401
+from wksd.testing import TestDaemon, running_daemon, wksd_daemon  # noqa: F401
 
 DAEMON_THREAD = "wksd-test-daemon"
 

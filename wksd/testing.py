@@ -6,7 +6,7 @@ Unix socket in a fresh temporary directory. No ``wksd`` binary, no Redis, no
 port; every start is a fresh, empty daemon.
 
     from clientlib import Client
-    from clientlib.testing import running_daemon
+    from wksd.testing import running_daemon
 
     def test_worker_records_progress():
         with running_daemon() as path, Client(path) as client:
@@ -16,7 +16,7 @@ port; every start is a fresh, empty daemon.
 With pytest, import the ``wksd_daemon`` fixture into a test module or
 ``conftest.py``; it gives each test its own ``TestDaemon``:
 
-    from clientlib.testing import wksd_daemon  # noqa: F401
+    from wksd.testing import wksd_daemon  # noqa: F401
 
     def test_worker(wksd_daemon):
         with wksd_daemon.client() as client:
@@ -34,8 +34,9 @@ lines on ``sys.stderr`` (which pytest captures), and put back unconfigured
 when the last one stops. If your code configured structlog, that
 configuration is left alone and decides what the daemon's logs do.
 
-This module imports the daemon (trio, redis-py, structlog): it is for tests,
-and ``import clientlib`` never imports it.
+This module is the daemon's (it imports trio, redis-py and structlog): it is
+for tests, and ``clientlib`` imports nothing of it (it was
+``clientlib.testing`` until the client library stopped importing ``wksd``).
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ from typing import TYPE_CHECKING, Any, Final, TextIO, cast
 import structlog
 import trio
 
-from wksd.app import Daemon
-from wksd.config import Config
-from wksd.logs import configure_logging
-from wksd.server import bind_unix_socket
-from wksd.systemd import Notifier
+from clientlib import Client
 
-from ._sync import Client
+from .app import Daemon
+from .config import Config
+from .logs import configure_logging
+from .server import bind_unix_socket
+from .systemd import Notifier
 
 if TYPE_CHECKING:
-    from ._async import AsyncClient
+    from clientlib import AsyncClient
 
     #: The pytest fixture; made by ``__getattr__`` when first imported.
     wksd_daemon: Callable[[], Iterator[TestDaemon]]
@@ -125,7 +126,7 @@ class TestDaemon:
 
     def async_client(self, **kwargs: Any) -> AsyncClient:
         """An ``AsyncClient`` for this daemon, to enter with ``async with``."""
-        from ._async import AsyncClient  # needs anyio, the "async" extra
+        from clientlib import AsyncClient  # needs anyio, the "async" extra
 
         return AsyncClient(self.path, **kwargs)
 
