@@ -86,6 +86,16 @@ def metric(path: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill ``process`` if a failed assertion left it running, and close its pipes."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class DaemonProcess:
     """A ``python -m wksd`` child serving on ``path``, started again as often as asked.
 

@@ -13,7 +13,7 @@ import pytest
 import wksd
 from wksd.logs import LogStream
 
-from .processes import wait_until_serving
+from .processes import reap, wait_until_serving
 from .test_ctl import COMMAND_TIMEOUT, read_until
 
 #: EX_CONFIG from sysexits.h, which the unit's RestartPreventExitStatus= names.
@@ -108,12 +108,7 @@ def test_a_closed_stdout_stops_the_daemon_quietly(sock_path: str) -> None:
         assert process.wait(COMMAND_TIMEOUT) == EX_IOERR
         assert process.stderr.read() == b""
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        reap(process)
 
 
 def test_a_stdout_closed_from_the_start_stops_the_daemon_quietly(sock_path: str) -> None:

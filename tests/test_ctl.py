@@ -41,7 +41,7 @@ from wksd.ctl import (
     truncate,
 )
 
-from .processes import DaemonProcess
+from .processes import DaemonProcess, reap
 
 #: A fixed "now" for the renderers: 2023-11-14 22:13:20 UTC.
 NOW = 1_700_000_000_000
@@ -460,12 +460,7 @@ def test_workflows_watch_ends_on_ctrl_c(seeded: str) -> None:
         assert process.wait(COMMAND_TIMEOUT) == 0
         assert b"Traceback" not in process.stderr.read()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()
+        reap(process)
 
 
 def default_sigint() -> None:
