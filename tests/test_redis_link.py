@@ -269,3 +269,47 @@ def test_error_replies_come_out_as_redis_pys_exception_classes(chunk: int) -> No
     with pytest.raises(InvalidResponse):
         garbage.gets()
     assert b"".join(pack("SET", "k", b"v")) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+
+
+async def test_pushes_and_observed_replies_arrive_in_wire_order(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """On a RESP3 link, a push another client caused and the replies around it
+    reach the hooks in the order Redis executed the commands, even for a
+    caller that was cancelled before its reply came."""
+    link = await connect(redis_server, nursery)
+    seen: list[Any] = []
+    link.on_push = lambda push: seen.append(("push", list(push)))
+    await link.execute("HELLO", "3")
+    await link.execute("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "t:", "NOLOOP")
+    other = redis.Redis(port=redis_server.port)
+
+    def observe(replies: list[Any]) -> None:
+        seen.append(("reply", replies))
+
+    await link.execute("SET", "t:a", "1", observe=observe)  # ours: no push (NOLOOP)
+    await trio.to_thread.run_sync(other.set, "t:a", "2")
+    await link.execute("GET", "t:a", observe=observe)
+    with trio.move_on_after(0) as scope:  # cancelled while waiting
+        await link.execute("GET", "t:a", observe=observe)
+    assert scope.cancelled_caught
+    await link.execute("PING")
+    assert seen == [
+        ("reply", [b"OK"]),
+        ("push", [b"invalidate", [b"t:a"]]),
+        ("reply", [b"2"]),
+        ("reply", [b"2"]),
+    ]
+
+
+async def test_a_hook_that_raises_breaks_the_link(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    link = await connect(redis_server, nursery)
+
+    def observe(replies: list[Any]) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(LinkDown, match="could not be handled"):
+        await link.execute("PING", observe=observe)
+    assert link.broken

@@ -24,6 +24,13 @@ cannot serve" (READONLY, LOADING, MASTERDOWN, OOM) breaks it too. Error
 replies about the command itself (a ``ResponseError``) are raised to its
 caller only.
 
+Two hooks run on the reader, in the order Redis sent things, before any
+later reply is looked at: ``on_push`` is given every RESP3 push (a link
+opened with ``HELLO 3``: the near cache's invalidations, which Redis
+interleaves with the replies exactly in the order it executed the commands),
+and a command's ``observe`` is given its replies as they are delivered, even
+if its caller was cancelled meanwhile. A hook that raises breaks the link.
+
 Plain TCP and Unix links run on ``wksd.sockio.SocketIO`` (see there why);
 TLS runs on trio's SSLStream. Writes are not shielded from cancellation: a
 write cancelled half-way would leave a corrupt stream, so it breaks the link
@@ -33,7 +40,7 @@ instead, and the failover serves from memory until it reconnects.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 import outcome
@@ -48,7 +55,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .resp import pack, reply_reader
+from .resp import is_push, pack, reply_reader
 
 __all__ = ["LinkDown", "RedisLink"]
 
@@ -59,6 +66,9 @@ READ_CHUNK: Final = 65536
 #: was wrong: after a Sentinel failover the old master answers READONLY.
 #: Out of memory is one too: it refuses every write until someone intervenes.
 _NODE_FAILURES: Final = (ReadOnlyError, BusyLoadingError, MasterDownError, OutOfMemoryError)
+
+#: Given a command's replies (error replies as values) when they arrive.
+Observer = Callable[[list[Any]], None]
 
 
 class LinkDown(RedisConnectionError):
@@ -74,13 +84,21 @@ class _PendingReply:
     finds the result stored when it is done.
     """
 
-    __slots__ = ("deadline", "name", "replies", "result", "task", "waiting", "wanted")
+    __slots__ = ("deadline", "name", "observe", "replies", "result", "task", "waiting", "wanted")
 
-    def __init__(self, task: trio.lowlevel.Task, name: str, wanted: int, deadline: float) -> None:
+    def __init__(
+        self,
+        task: trio.lowlevel.Task,
+        name: str,
+        wanted: int,
+        deadline: float,
+        observe: Observer | None,
+    ) -> None:
         self.task = task
         self.name = name
         self.wanted = wanted
         self.deadline = deadline
+        self.observe = observe
         self.replies: list[Any] = []
         self.result: outcome.Outcome[list[Any]] | None = None
         self.waiting = False
@@ -107,6 +125,8 @@ class RedisLink:
         self._scope: trio.CancelScope | None = None
         self._error: LinkDown | None = None
         self._closed = trio.Event()
+        #: Given every RESP3 push, in order with the replies (see the module doc).
+        self.on_push: Callable[[list[Any]], None] | None = None
 
     @property
     def broken(self) -> bool:
@@ -118,17 +138,22 @@ class RedisLink:
         assert self._error is not None
         return self._error
 
-    async def execute(self, *args: Any, name: str | None = None) -> Any:
-        """Send one command; its reply (an error reply is raised)."""
-        (reply,) = await self._submit(pack(*args), 1, name or args[0])
+    async def execute(
+        self, *args: Any, name: str | None = None, observe: Observer | None = None
+    ) -> Any:
+        """Send one command; its reply (an error reply is raised). ``observe``
+        is given ``[reply]`` on the reader as it arrives (module doc)."""
+        (reply,) = await self._submit(pack(*args), 1, name or args[0], observe)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def pipeline(
+        self, commands: Sequence[Sequence[Any]], observe: Observer | None = None
+    ) -> list[Any]:
         """Send several commands in one write; their replies, errors as values."""
         payload = b"".join(chunk for command in commands for chunk in pack(*command))
-        return await self._submit([payload], len(commands), "PIPELINE")
+        return await self._submit([payload], len(commands), "PIPELINE", observe)
 
     def fail(self, reason: BaseException) -> None:
         """Break the link: every caller waiting gets LinkDown, the reader stops."""
@@ -168,7 +193,10 @@ class RedisLink:
             while data := await receive(READ_CHUNK):
                 reader.feed(cast(bytes, data))  # both stream kinds give bytes
                 while (reply := reader.gets()) is not False:
-                    self._deliver(reply)
+                    if is_push(reply):
+                        self._pushed(reply)
+                    else:
+                        self._deliver(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.fail(LinkDown(f"connection to Redis lost: {exc}"))
         except InvalidResponse as exc:
@@ -188,6 +216,13 @@ class RedisLink:
             else:
                 await trio.sleep_until(self._pending[0].deadline)
 
+    def _pushed(self, push: list[Any]) -> None:
+        if self.on_push is not None:
+            try:
+                self.on_push(push)
+            except Exception as exc:
+                self.fail(LinkDown(f"a push from Redis could not be handled: {exc!r}"))
+
     def _deliver(self, reply: Any) -> None:
         if not self._pending:
             raise InvalidResponse("a reply nobody asked for")
@@ -201,14 +236,28 @@ class RedisLink:
         if len(pending.replies) < pending.wanted:
             return
         self._pending.popleft()
+        if pending.observe is not None:
+            try:
+                pending.observe(pending.replies)
+            except Exception as exc:
+                failure = LinkDown(f"a reply from Redis could not be handled: {exc!r}")
+                pending.settle(outcome.Error(failure))
+                self.fail(failure)
+                return
         pending.settle(outcome.Value(pending.replies))
 
-    async def _submit(self, chunks: list[bytes], wanted: int, name: str) -> list[Any]:
+    async def _submit(
+        self, chunks: list[bytes], wanted: int, name: str, observe: Observer | None
+    ) -> list[Any]:
         if self._error is not None:
             raise _fresh(self._error)
         self._count(name)
         pending = _PendingReply(
-            trio.lowlevel.current_task(), name, wanted, trio.current_time() + self.timeout
+            trio.lowlevel.current_task(),
+            name,
+            wanted,
+            trio.current_time() + self.timeout,
+            observe,
         )
         self._pending.append(pending)
         for chunk in chunks:

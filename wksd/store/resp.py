@@ -23,7 +23,7 @@ from redis._parsers import BaseParser
 from redis.connection import Connection
 from redis.exceptions import InvalidResponse
 
-__all__ = ["pack", "reply_reader"]
+__all__ = ["is_push", "pack", "reply_reader"]
 
 # Used for its encoder only; it never connects.
 _ENCODER = Connection()
@@ -40,3 +40,8 @@ def reply_reader() -> hiredis.Reader:
     at a time (False until one is whole). Error replies come out as redis-py's
     exceptions, bytes that are not RESP raise ``InvalidResponse``."""
     return hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+
+
+def is_push(reply: Any) -> bool:
+    """Whether a parsed reply is a RESP3 push (``>``), not a command's reply."""
+    return type(reply) is hiredis.PushNotification
