@@ -101,6 +101,7 @@ class Daemon:
                 timeout=config.redis_timeout,
                 backoff_max=config.redis_retry_max,
                 locks_fail_closed=config.locks_fail_closed,
+                near_cache_bytes=config.near_cache_bytes,
             )
         )
         self.store: Store = self.memory if self.failover is None else self.failover

@@ -307,6 +307,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "1000000",
     ),
     Setting(
+        "WKSD_NEAR_CACHE_BYTES",
+        "near_cache_bytes",
+        _int_in(0, 64 * 1024**3),
+        "bytes the near cache of Redis reads holds (0: none)",
+        "67108864",
+    ),
+    Setting(
         "WKSD_MAX_MESSAGE_BYTES",
         "max_message_bytes",
         _int_in(4096, 256 * 1024 * 1024),
@@ -453,6 +460,7 @@ class Config:
     redis_retry_max: float = _default("redis_retry_max")
     sweep_interval: float = _default("sweep_interval")
     memory_max_keys: int = _default("memory_max_keys")
+    near_cache_bytes: int = _default("near_cache_bytes")
     max_message_bytes: int = _default("max_message_bytes")
     max_connections: int = _default("max_connections")
     max_connections_per_uid: int = _default("max_connections_per_uid")

@@ -107,6 +107,66 @@ class _MemoryCollector(Collector):
         )
 
 
+class _NearFigures(Protocol):
+    """What the near cache (``wksd.store.near_cache.NearCache``) counts."""
+
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    pushed_keys: int
+    invalidations: dict[str, int]
+
+    def __len__(self) -> int: ...
+
+
+class _NearCollector(Collector):
+    def __init__(self, cache: _NearFigures) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        yield CounterMetricFamily(
+            "wksd_near_cache_hits", "Reads answered by the near cache.", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            "wksd_near_cache_misses", "Reads the near cache sent to Redis.", value=cache.misses
+        )
+        dropped = CounterMetricFamily(
+            "wksd_near_cache_invalidations",
+            "Near-cache entries dropped: named by a push (key), FLUSHALL/FLUSHDB "
+            "(flush), the link lost or renewed (connection), past their TTL (expired).",
+            labels=["reason"],
+        )
+        for reason, count in cache.invalidations.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            "wksd_near_cache_evictions",
+            "Near-cache entries evicted, least recently used first, to stay in its bound.",
+            value=cache.evictions,
+        )
+        yield CounterMetricFamily(
+            "wksd_near_cache_pushed_keys",
+            "Keys named in Redis's invalidation pushes, held here or not (tracking's cost).",
+            value=cache.pushed_keys,
+        )
+        yield GaugeMetricFamily(
+            "wksd_near_cache_bytes",
+            "Bytes the near cache holds (as it counts them).",
+            value=cache.bytes,
+        )
+        yield GaugeMetricFamily(
+            "wksd_near_cache_max_bytes",
+            "The near cache's bound (WKSD_NEAR_CACHE_BYTES).",
+            value=cache.max_bytes,
+        )
+        yield GaugeMetricFamily(
+            "wksd_near_cache_entries", "Keys the near cache holds.", value=len(cache)
+        )
+
+
 class _HoldFigures(Protocol):
     """What the lock holds (``wksd.coordination.holds.Holds``) count."""
 
@@ -350,6 +410,10 @@ class Metrics:
     ) -> None:
         """Waiters, keepalive locks, subscriptions and cache flights, read when scraped."""
         self.registry.register(_CoordinationCollector(holds, feeds, flights))
+
+    def observe_near_cache(self, cache: _NearFigures) -> None:
+        """The near cache's hits, misses, invalidations and bytes, read when scraped."""
+        self.registry.register(_NearCollector(cache))
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

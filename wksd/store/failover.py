@@ -33,6 +33,13 @@ memory fails: the copy of that key is dropped instead (``_mirror``). With
 ``WKSD_LOCKS_FAIL_CLOSED`` an outage refuses ``lock.acquire`` and
 ``lock.extend`` (``Unavailable``), so a lock held through it expires at the
 deadline Redis last confirmed; releases go on and are written back.
+
+With a near cache (``near_cache_bytes``) every link is opened with its
+tracking, and the one ``NearCache`` is emptied whenever the link it was
+coherent with is gone: when a new link starts, when memory takes over
+(``_switch``), and by any read that finds the link broken first
+(``RedisStore.get``). The write-back after an outage goes through
+``RedisStore.restore_*``, which drop the keys they write.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from ..keys import KeySpace
 from ..metrics import Metrics
 from .base import LockOutcome, Store, WorkflowSnapshot, WorkflowSwap
 from .memory import MemoryStore
+from .near_cache import NearCache, tracked_prefixes
 from .reconcile import NO_BASE, BaseOrUnset, Reconciler, open_journal
 from .redis import RedisStore
 from .redis_link import LinkDown, RedisLink
@@ -83,6 +91,7 @@ class FailoverStore:
         timeout: float,
         backoff_max: float = 5.0,
         locks_fail_closed: bool = False,
+        near_cache_bytes: int = 0,
     ) -> None:
         self._memory = memory
         self._target = target
@@ -93,6 +102,8 @@ class FailoverStore:
         self._locks_fail_closed = locks_fail_closed
         self._redis: RedisStore | None = None
         self._link: RedisLink | None = None
+        #: The near cache (5.2), None when WKSD_NEAR_CACHE_BYTES is 0.
+        self.near = NearCache(near_cache_bytes, metrics) if near_cache_bytes > 0 else None
         self._journal = open_journal(memory)  # with the outage a restart interrupted
         self._reconciler = Reconciler(memory, self._journal, metrics, mirror=self._mirror)
         #: up (connected), down (cannot reach it), error (reached, but refused us).
@@ -147,6 +158,8 @@ class FailoverStore:
             await self._backend_changed.wait()
 
     def _switch(self, redis: RedisStore | None) -> None:
+        if redis is None and self.near is not None:
+            self.near.clear()  # no longer told of writes; the next link starts afresh
         self._redis = redis
         backend = self.backend
         self._metrics.set_backend(backend)
@@ -441,7 +454,7 @@ class FailoverStore:
             try:
                 async with trio.open_nursery() as nursery:
                     try:
-                        link = await open_link(self._target, self._timeout, nursery, self._metrics)
+                        link = await self._open_link(nursery)
                         self._link = link
                         served = await self._serve(link, nursery)
                     except (RedisError, OSError) as exc:
@@ -463,9 +476,23 @@ class FailoverStore:
                 delay = self._backoff.compute(failures - START_RETRIES)
             await trio.sleep(delay)
 
+    async def _open_link(self, nursery: trio.Nursery) -> RedisLink:
+        if self.near is None:
+            return await open_link(self._target, self._timeout, nursery, self._metrics)
+        return await open_link(
+            self._target,
+            self._timeout,
+            nursery,
+            self._metrics,
+            track=tracked_prefixes(self._keys),
+            on_push=self.near.on_push,
+        )
+
     async def _serve(self, link: RedisLink, nursery: trio.Nursery) -> bool:
         """Write back the outage, switch to Redis, and serve until the link breaks."""
-        redis = RedisStore(link, self._keys)
+        if self.near is not None:
+            self.near.clear()  # nothing from before this link's tracking began
+        redis = RedisStore(link, self._keys, near=self.near)
         await redis.load_scripts()
         self.redis_status = "up"
         self._metrics.redis_connection_status.set(1)

@@ -6,11 +6,17 @@ The data layout is the seed's (the ``KeySpace`` the store is built for), so
 the TypeScript app reads and writes the same keys. Besides the interface, it
 offers the conditional writes that reconciliation after an outage needs
 (``restore_*``).
+
+Given a ``NearCache`` (``near``), reads of the keys it tracks are answered
+from it when it has them, and every write this store sends for such a key
+updates or drops its copy in the command's ``observe`` hook, on the link's
+reader in wire order (``wksd.store.near_cache`` says why). A command error
+drops the copy. Locks and what scripts read never come from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,8 @@ from .base import (
     WorkflowStamp,
     WorkflowSwap,
 )
-from .redis_link import RedisLink
+from .near_cache import NearCache, tracked_prefixes
+from .redis_link import Observer, RedisLink
 from .scripts import (
     CACHE_FILL,
     CACHE_LOOKUP,
@@ -69,6 +76,40 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _wrote(
+    near: NearCache,
+    key: str,
+    value: bytes | None,
+    ttl_ms: int | None,
+    known: Callable[[Any], bool] = lambda reply: True,
+) -> Observer:
+    """The ``observe`` of a write of ``key``, made just before it is sent: once
+    applied (a reply ``known`` takes), the copy is ``value`` (None: deleted) with
+    ``ttl_ms``; after an error, or another reply, the copy goes."""
+    sent_at = near.now()
+
+    def observe(replies: list[Any]) -> None:
+        (reply,) = replies
+        if isinstance(reply, Exception) or not known(reply):
+            near.forget(key)
+        else:
+            near.wrote(key, value, ttl_ms, sent_at)
+
+    return observe
+
+
+def _read_with_ttl(key: str) -> list[list[str]]:
+    """A near-cache miss: the value and its TTL, as of one moment."""
+    return [["MULTI"], ["GET", key], ["PTTL", key], ["EXEC"]]
+
+
+def _forgets(near: NearCache | None, key: str) -> Observer | None:
+    """The ``observe`` of a write whose outcome the copy does not follow: it drops ``key``."""
+    if near is None:
+        return None
+    return lambda replies: near.forget(key)
+
+
 def _stamp_args(stamp: WorkflowStamp | None) -> list[Any]:
     """RESTORE_WORKFLOW's ARGV[5..7]; all '' when there is no stamp."""
     if stamp is None:
@@ -81,9 +122,19 @@ class RedisStore:
     """The Store interface over ``link``, for one key space (``keys``: the
     seed's ``wks:`` prefix unless told otherwise)."""
 
-    def __init__(self, link: RedisLink, keys: KeySpace | None = None) -> None:
+    def __init__(
+        self, link: RedisLink, keys: KeySpace | None = None, *, near: NearCache | None = None
+    ) -> None:
         self.link = link
         self.keys = KeySpace() if keys is None else keys
+        #: The near cache, on a link opened with its tracking (open_link's ``track``).
+        self.near = near
+        self._tracked = tracked_prefixes(self.keys)
+
+    def _near_for(self, key: str) -> NearCache | None:
+        """The near cache, if there is one and ``key`` is under a prefix it holds."""
+        near = self.near
+        return near if near is not None and key.startswith(self._tracked) else None
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD every script, in one write."""
@@ -92,29 +143,73 @@ class RedisStore:
             if isinstance(reply, Exception):
                 raise reply
 
-    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    async def _run(
+        self, script: Script, keys: list[str], args: list[Any], observe: Observer | None = None
+    ) -> Any:
         command = ["EVALSHA", script.sha, len(keys), *keys, *args]
         try:
-            return await self.link.execute(*command, name=script.name)
+            return await self.link.execute(*command, name=script.name, observe=observe)
         except NoScriptError:
             await self.link.execute("SCRIPT", "LOAD", script.source)
-            return await self.link.execute(*command, name=script.name)
+            return await self.link.execute(*command, name=script.name, observe=observe)
 
     # -- the Store interface ---------------------------------------------
     async def get(self, key: str) -> bytes | None:
-        return await self.link.execute("GET", key)  # type: ignore[no-any-return]
+        near = self._near_for(key)
+        if near is None:
+            return await self.link.execute("GET", key)  # type: ignore[no-any-return]
+        if self.link.broken:
+            near.clear()  # its pushes stopped with the link
+            return await self.link.execute("GET", key)  # type: ignore[no-any-return]  # LinkDown
+        hit, value = near.lookup(key)
+        if hit:
+            return value
+        sent_at = near.now()
+
+        def observe(replies: list[Any]) -> None:
+            answer = replies[-1]  # EXEC's: [value, pttl], or an error
+            if isinstance(answer, list) and not any(isinstance(r, Exception) for r in answer):
+                near.filled(key, answer[0], answer[1], sent_at)
+            else:
+                near.forget(key)
+
+        # In one transaction, so no push can fall between the value and its TTL:
+        # a push before EXEC's reply is news of an older write, one after of a newer.
+        replies = await self.link.pipeline(_read_with_ttl(key), observe)
+        answer = replies[-1]
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer[0], Exception):
+            raise answer[0]
+        return answer[0]  # type: ignore[no-any-return]
 
     async def set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
-        if ttl_ms is None:
-            await self.link.execute("SET", key, value)
-        else:
-            await self.link.execute("SET", key, value, "PX", ttl_ms)
+        command = ["SET", key, value] if ttl_ms is None else ["SET", key, value, "PX", ttl_ms]
+        near = self._near_for(key)
+        observe = None if near is None else _wrote(near, key, value, ttl_ms)
+        await self.link.execute(*command, observe=observe)
 
     async def delete(self, key: str) -> bool:
-        return bool(await self.link.execute("DEL", key))
+        near = self._near_for(key)
+        observe = None if near is None else _wrote(near, key, None, None)
+        return bool(await self.link.execute("DEL", key, observe=observe))
 
     async def expire(self, key: str, ttl_ms: int) -> bool:
-        return bool(await self.link.execute("PEXPIRE", key, ttl_ms))
+        near = self._near_for(key)
+        if near is None:
+            return bool(await self.link.execute("PEXPIRE", key, ttl_ms))
+        sent_at = near.now()
+
+        def observe(replies: list[Any]) -> None:
+            (reply,) = replies
+            if isinstance(reply, Exception) or ttl_ms <= 0:
+                near.forget(key)
+            elif reply:
+                near.expire(key, ttl_ms, sent_at)
+            else:
+                near.wrote(key, None, None, sent_at)  # no such key
+
+        return bool(await self.link.execute("PEXPIRE", key, ttl_ms, observe=observe))
 
     async def get_with_ttl(self, key: str) -> tuple[bytes | None, int | None]:
         value, ttl = await self.link.pipeline([["GET", key], ["PTTL", key]])
@@ -155,10 +250,17 @@ class RedisStore:
 
     async def swap_workflow(self, swap: WorkflowSwap) -> bool:
         expected, keys = swap.expected, self.keys
+        state_key = keys.workflow(swap.execution_id)
+        near = self._near_for(state_key)
+        # Swapped (1): the state is ours. Lost (0): someone else's, not known here.
+        observe = None if near is None else _wrote(near, state_key, swap.new, swap.ttl_ms, bool)
+        if swap.new is None and near is not None:
+            # A swap that only moves the indexes (retire, finished) leaves the state as it was.
+            observe = _forgets(near, state_key)
         return bool(
             await self._run(
                 WORKFLOW_SWAP,
-                [keys.workflow(swap.execution_id), keys.active, keys.finished],
+                [state_key, keys.active, keys.finished],
                 [
                     "0" if expected is None else "1",
                     b"" if expected is None else expected,
@@ -169,6 +271,7 @@ class RedisStore:
                     "" if swap.finished_at is None else swap.finished_at,
                     swap.retain_since,
                 ],
+                observe,
             )
         )
 
@@ -186,16 +289,25 @@ class RedisStore:
         return await self.link.execute("MGET", *keys)  # type: ignore[no-any-return]
 
     async def set_if_absent(self, key: str, value: bytes, ttl_ms: int) -> bool:
-        return bool(await self.link.execute("SET", key, value, "NX", "PX", ttl_ms))
+        near = self._near_for(key)
+        # Not set (None): the key is someone else's, its value not known here.
+        observe = None if near is None else _wrote(near, key, value, ttl_ms, known=bool)
+        command = ["SET", key, value, "NX", "PX", ttl_ms]
+        return bool(await self.link.execute(*command, observe=observe))
 
     async def delete_if_equal(self, key: str, value: bytes) -> bool:
-        return bool(await self._run(DELETE_IF_EQUAL, [key], [value]))
+        near = self._near_for(key)
+        observe = None if near is None else _wrote(near, key, None, None, known=bool)
+        return bool(await self._run(DELETE_IF_EQUAL, [key], [value], observe))
 
     async def cache_fill(self, key: str, value: bytes, ttl_ms: int, meta: bytes | None) -> None:
+        value_key = self.keys.cache(key)
+        near = self._near_for(value_key)
         await self._run(
             CACHE_FILL,
-            [self.keys.cache(key), self.keys.cache_meta(key)],
+            [value_key, self.keys.cache_meta(key)],
             [value, ttl_ms, b"" if meta is None else meta],
+            None if near is None else _wrote(near, value_key, value, ttl_ms),
         )
 
     async def cache_lookup(self, key: str) -> tuple[bytes | None, bytes | None]:
@@ -247,6 +359,7 @@ class RedisStore:
                 "" if ttl_ms is None else ttl_ms,
                 *(b"-" if other is None else b"v" + other for other in also_seen),
             ],
+            _forgets(self._near_for(key), key),
         )
         outcome = _text(reply[0])
         if outcome != "conflict":
@@ -277,6 +390,7 @@ class RedisStore:
                 "1" if active else "0",
                 *_stamp_args(stamp),
             ],
+            _forgets(self._near_for(keys.workflow(execution_id)), keys.workflow(execution_id)),
         )
         outcome = _text(reply[0])
         if outcome != "conflict":
@@ -300,4 +414,5 @@ class RedisStore:
         )
 
     async def raise_counter(self, key: str, value: int) -> int:
-        return int(await self._run(RAISE_COUNTER, [key], [value]))
+        observe = _forgets(self._near_for(key), key)
+        return int(await self._run(RAISE_COUNTER, [key], [value], observe))

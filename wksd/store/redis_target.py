@@ -19,6 +19,15 @@ time, so a failover is followed), connects, and logs in: AUTH, SELECT and
 CLIENT SETNAME wksd go out in one write. With Sentinel it also checks that the
 node really is the master (ROLE), because a demoted master still accepts
 connections.
+
+For the near cache (``track``: the key prefixes it holds) the same one write
+speaks RESP3 instead: ``HELLO 3`` (with AUTH and SETNAME inside it), SELECT,
+then ``CLIENT TRACKING ON BCAST PREFIX ... NOLOOP``, so Redis's invalidations
+arrive on this connection as pushes, in order with the replies
+(``wksd.store.near_cache``). Without it the link stays on RESP2, as before.
+Every reply wksd reads parses the same under both: the replies that differ
+(HELLO's map, a set for SMEMBERS, which hiredis gives as a list) are none it
+looks into, and scripts answer in RESP2 terms unless they ask otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
@@ -334,12 +343,20 @@ def _tls_version(text: str) -> ssl.TLSVersion:
 
 
 async def open_link(
-    target: RedisTarget, command_timeout: float, nursery: trio.Nursery, metrics: Any = None
+    target: RedisTarget,
+    command_timeout: float,
+    nursery: trio.Nursery,
+    metrics: Any = None,
+    *,
+    track: Sequence[str] = (),
+    on_push: Callable[[list[Any]], None] | None = None,
 ) -> RedisLink:
     """Connect and log in; the link's reader runs in ``nursery``.
 
     ``command_timeout`` bounds the connection attempt and, afterwards, every
-    command on the link (WKSD_REDIS_TIMEOUT).
+    command on the link (WKSD_REDIS_TIMEOUT). ``track`` (prefixes, none of
+    them a prefix of another) opens it in RESP3 with tracking on, and
+    ``on_push`` is given the pushes from the start.
 
     Raises redis-py's ``ConnectionError`` (``RedisConnectionError`` here), or
     its subclass ``AuthenticationError``, when Redis cannot be reached or
@@ -347,18 +364,11 @@ async def open_link(
     """
     stream = await open_stream(target, command_timeout)
     link = RedisLink(stream, command_timeout, metrics)
+    link.on_push = on_push
     await nursery.start(link.run)
-    handshake: list[list[Any]] = []
-    if target.password is not None:
-        handshake.append(["AUTH", *([target.username] if target.username else []), target.password])
-    if target.db:
-        handshake.append(["SELECT", target.db])
-    handshake.append(["CLIENT", "SETNAME", CLIENT_NAME])
-    handshake.append(list(VERSION_PROBE))
-    if target.sentinels:
-        handshake.append(["ROLE"])
+    handshake = _handshake(target, track)
     replies = await link.pipeline(handshake)
-    probe = replies[len(handshake) - (2 if target.sentinels else 1)]
+    probe = replies[handshake.index(list(VERSION_PROBE))]
     if isinstance(probe, ResponseError) and "unknown command" in str(probe).lower():
         link.fail(TooOld("no PEXPIRETIME"))
         raise TooOld("this Redis has no PEXPIRETIME: wksd needs Redis 7.0 or later")
@@ -372,6 +382,29 @@ async def open_link(
         link.fail(WrongRole("not the master"))
         raise WrongRole(f"the node Sentinel named is a {replies[-1][0].decode()}, not the master")
     return link
+
+
+def _handshake(target: RedisTarget, track: Sequence[str]) -> list[list[Any]]:
+    """The commands of the login, sent in one write (the module doc)."""
+    handshake: list[list[Any]] = []
+    if track:
+        hello: list[Any] = ["HELLO", 3]
+        if target.password is not None:
+            hello += ["AUTH", target.username or "default", target.password]
+        handshake.append([*hello, "SETNAME", CLIENT_NAME])
+    elif target.password is not None:
+        handshake.append(["AUTH", *([target.username] if target.username else []), target.password])
+    if target.db:
+        handshake.append(["SELECT", target.db])
+    if not track:
+        handshake.append(["CLIENT", "SETNAME", CLIENT_NAME])
+    handshake.append(list(VERSION_PROBE))
+    if track:
+        prefixes = [word for prefix in track for word in ("PREFIX", prefix)]
+        handshake.append(["CLIENT", "TRACKING", "ON", "BCAST", *prefixes, "NOLOOP"])
+    if target.sentinels:
+        handshake.append(["ROLE"])
+    return handshake
 
 
 async def open_stream(target: RedisTarget, connect_timeout: float) -> Any:
