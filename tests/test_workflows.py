@@ -9,7 +9,12 @@ import pytest
 
 from clientlib.errors import BadRequest, Conflict, NotFound
 from wksd.domain import Cleanup, Workflows, WorkflowStats, WorkflowStatus
-from wksd.domain.workflows import STALE_ERROR, SWAP_BACKOFF_BASE
+from wksd.domain.workflows import (
+    MAX_KNOWN_BYTES,
+    MAX_KNOWN_STATE_BYTES,
+    STALE_ERROR,
+    SWAP_BACKOFF_BASE,
+)
 from wksd.store.base import Store, WorkflowSnapshot, WorkflowSwap
 
 from .conftest import Domain
@@ -264,13 +269,79 @@ async def test_a_lost_swap_waits_with_the_sleep_it_was_given(domain: Domain) -> 
         pauses.append(seconds)
 
     workflows = Workflows(domain.store, domain.keys, domain.clock, stale_after=3600, sleep=sleep)
-    await workflows.start("e1", "w1", 10, {})
     other = Domain(domain.store, domain.keys, domain.clock)
+    await other.workflows.start("e1", "w1", 10, {})  # so ``workflows`` reads it
     workflows._store = InterleavingStore(
         domain.store, lambda: other.workflows.update("e1", 3, "other", None)
     )
     await workflows.update("e1", 4, "mine", None)
     assert len(pauses) == 1 and 0 <= pauses[0] <= SWAP_BACKOFF_BASE
+
+
+async def test_a_change_after_our_own_write_swaps_without_reading(domain: Domain) -> None:
+    """The state this daemon wrote last is the compare-and-set's expectation:
+    the change costs the swap alone."""
+    counting = CountingStore(domain.store)
+    domain.workflows._store = counting
+    await domain.workflows.start("e1", "w1", 10, {"a": 1})
+    reads = counting.calls.count("get")
+    for step in range(1, 5):
+        await domain.workflows.update("e1", step, f"s{step}", {"b": step})
+    state = await domain.workflows.complete("e1", WorkflowStatus.COMPLETED, None, None)
+    assert counting.calls.count("get") == reads  # five changes, no read
+    assert state["data"] == {"a": 1, "b": 4} and state["progress"] == 100
+    assert await domain.workflows.get("e1") == state
+
+
+async def test_a_change_known_here_but_old_news_is_read_again_at_once(domain: Domain) -> None:
+    """Another daemon wrote since our last write: the swap on our copy is lost,
+    the retry reads, without the collision's wait, and keeps their change."""
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    workflows = Workflows(domain.store, domain.keys, domain.clock, stale_after=3600, sleep=sleep)
+    other = Domain(domain.store, domain.keys, domain.clock)
+    await workflows.start("e1", "w1", 10, {})
+    await other.workflows.update("e1", 3, "other", {"theirs": 1})
+    state = await workflows.update("e1", 4, "mine", {"mine": 1})
+    assert pauses == []
+    assert state["data"] == {"theirs": 1, "mine": 1}
+    assert await workflows.get("e1") == state
+
+
+async def test_an_error_judged_on_a_copy_is_read_again_before_it_is_believed(
+    domain: Domain,
+) -> None:
+    """Our copy says 4 steps; another daemon finished the run and started it again
+    with 10. Step 8 is judged on what the store holds, not refused on the copy."""
+    other = Domain(domain.store, domain.keys, domain.clock)
+    await domain.workflows.start("e1", "w1", 4, {})
+    await other.workflows.complete("e1", WorkflowStatus.COMPLETED, None, None)
+    await other.workflows.start("e1", "w1", 10, {})
+    state = await domain.workflows.update("e1", 8, "late", None)
+    assert state["totalSteps"] == 10 and state["completedSteps"] == 8
+    with pytest.raises(BadRequest):  # and a real error is still one
+        await domain.workflows.update("e1", 11, "too far", None)
+
+
+async def test_the_copies_of_our_own_writes_are_bounded(domain: Domain) -> None:
+    """At most MAX_KNOWN_BYTES of states are kept, the least recently written
+    out first, and none over MAX_KNOWN_STATE_BYTES; the rest are read."""
+    data = {"pad": "x" * 4000}
+    count = MAX_KNOWN_BYTES // 4000 + 10
+    for index in range(count):
+        await domain.workflows.start(f"e{index}", "w", 10, data)
+    known = domain.workflows._known
+    assert domain.workflows._known_bytes <= MAX_KNOWN_BYTES
+    assert "e0" not in known and f"e{count - 1}" in known
+    await domain.workflows.start("big", "w", 10, {"pad": "x" * MAX_KNOWN_STATE_BYTES})
+    assert "big" not in known
+    counting = CountingStore(domain.store)
+    domain.workflows._store = counting
+    await domain.workflows.update("e0", 1, "read", None)  # forgotten: read
+    assert counting.calls.count("get") == 1
 
 
 async def test_workflow_data_obeys_the_value_limit(domain: Domain) -> None:

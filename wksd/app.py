@@ -152,7 +152,7 @@ class Daemon:
             clock,
             stale_after=config.workflow_stale_after,
             sleep=trio.sleep,
-            on_change=self.feeds.emit,
+            feed=self.feeds,
         )
         self.locks = Locks(store, keys, clock)
         self.holds = Holds(self.locks, store, keys, mark_volatile=self.memory.mark_volatile)

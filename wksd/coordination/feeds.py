@@ -1,13 +1,15 @@
 """Live workflow events: pushed to subscribers, kept as history, shared via Redis.
 
-Every change of a workflow (``emit``, given to ``Workflows`` as its
-``on_change``) becomes an event ``{"executionId", "type", "state", "at"}``.
-The hub pushes it to this daemon's subscribed connections (``workflow.event``
-notifications), appends it to the history (a Redis Stream per execution and
-one for all, bounded; the same in memory without Redis), and publishes it for
-the other daemons sharing the Redis, whose hubs push it to their own
-subscribers. Events carry this
-daemon's ``origin`` so it does not push its own twice.
+Every change of a workflow becomes an event ``{"executionId", "type",
+"state", "at"}``. ``Workflows`` asks for it before it writes the change
+(``prepare``, its ``feed``), so the store records it in the history (a Redis
+Stream per execution and one for all, bounded; the same in memory without
+Redis) and publishes it for the other daemons sharing the Redis in the same
+step as the change itself: one script, one round trip (``WorkflowSwap.event``).
+Once the change is applied, ``deliver`` pushes it to this daemon's
+subscribed connections (``workflow.event`` notifications); the other
+daemons' hubs push it to theirs (``on_message``). Events carry this daemon's
+``origin`` so it does not push its own twice.
 
 Failing to record or publish an event never fails the change that caused it:
 the change is what the worker asked for; the event is news about it.
@@ -21,11 +23,9 @@ from typing import Any, Final
 
 import structlog
 
-from clientlib.errors import RemoteError
-
 from ..keys import KeySpace
 from ..session import Session
-from ..store.base import Store
+from ..store.base import Store, WorkflowEvent
 
 __all__ = ["MAX_HISTORY", "Feeds"]
 
@@ -47,7 +47,7 @@ def _json(value: Any) -> bytes:
 class Feeds:
     def __init__(self, store: Store, keys: KeySpace, *, origin: str, retain_ms: int) -> None:
         self._store = store
-        self._keys = keys
+        self._channel = keys.workflow_channel
         self._origin = origin
         self._retain_ms = retain_ms
         # execution id (None: every execution) -> subscribed sessions by id
@@ -58,8 +58,10 @@ class Feeds:
     def subscriptions(self) -> int:
         return sum(len(sessions) for sessions in self._subscribers.values())
 
-    async def emit(self, kind: str, state: dict[str, Any]) -> None:
-        """A workflow changed through this daemon (``Workflows``' ``on_change``)."""
+    def prepare(self, kind: str, state: dict[str, Any]) -> tuple[WorkflowEvent, dict[str, Any]]:
+        """The event of a change ``Workflows`` is about to write (``kind``: started,
+        progress, completed, failed, cancelled or stale; ``state``: the new state):
+        as the store records and publishes it, and as ``deliver`` pushes it."""
         event = {
             "executionId": state["executionId"],
             "type": kind,
@@ -70,31 +72,27 @@ class Feeds:
         if len(raw) > MAX_EVENT_BYTES:
             event = {**event, "state": {**state, "data": {}}, "dataOmitted": True}
             raw = _json(event)
-        self._deliver(event)
-        try:
-            await self._store.record_event(event["executionId"], raw, event["at"], self._retain_ms)
-            await self._store.publish(
-                self._keys.workflow_channel, _json({"origin": self._origin, "event": event})
-            )
-        except RemoteError as exc:
-            log.warning("workflow event not recorded", error=exc.code)
+        # The envelope {"origin", "event"} around the JSON already made.
+        message = b'{"origin":%s,"event":%s}' % (_json(self._origin), raw)
+        return WorkflowEvent(raw, event["at"], self._retain_ms, self._channel, message), event
 
-    def on_message(self, message: bytes) -> None:
-        """An event published by a daemon sharing the Redis (pub/sub)."""
-        try:
-            envelope = json.loads(message)
-            if envelope["origin"] != self._origin:
-                self._deliver(envelope["event"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("unreadable workflow event message")
-
-    def _deliver(self, event: dict[str, Any]) -> None:
+    def deliver(self, event: dict[str, Any]) -> None:
+        """The change was applied: push its event to this daemon's subscribers."""
         sessions = {
             **self._subscribers.get(None, {}),
             **self._subscribers.get(event["executionId"], {}),
         }
         for session in sessions.values():
             session.push("workflow.event", [event])
+
+    def on_message(self, message: bytes) -> None:
+        """An event published by a daemon sharing the Redis (pub/sub)."""
+        try:
+            envelope = json.loads(message)
+            if envelope["origin"] != self._origin:
+                self.deliver(envelope["event"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable workflow event message")
 
     # -- the methods ------------------------------------------------------------
     async def subscribe(self, session: Session, execution_id: str | None) -> str | None:

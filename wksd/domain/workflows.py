@@ -38,22 +38,26 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 from clientlib.errors import BadRequest, Conflict, InternalError, NotFound, WksError
 
 from ..clock import Clock, now_ms
 from ..keys import KeySpace
-from ..store.base import Store, WorkflowSwap
+from ..store.base import Store, WorkflowEvent, WorkflowSwap
 from .values import MAX_SAFE_INTEGER, MAX_STATE_BYTES, decode, encode
 
 __all__ = [
     "FINISHED",
+    "MAX_KNOWN_BYTES",
+    "MAX_KNOWN_STATE_BYTES",
     "STALE_ERROR",
     "Cleanup",
+    "Feed",
     "WorkflowStats",
     "WorkflowStatus",
     "Workflows",
@@ -213,9 +217,27 @@ def running_ttl_ms(stale_after: float) -> int:
     return 2 * int(stale_after * 1000)
 
 
-#: Told of every change, with its event type (started, progress, completed,
-#: failed, cancelled, stale) and the new state.
-OnChange = Callable[[str, dict[str, Any]], Awaitable[None]]
+_News = TypeVar("_News")
+
+
+class Feed(Protocol[_News]):
+    """Where the news of every change goes (``wksd.coordination.feeds.Feeds``)."""
+
+    def prepare(self, kind: str, state: dict[str, Any]) -> tuple[WorkflowEvent, _News]:
+        """The event of a change about to be written (``kind``: its event type,
+        started, progress, completed, failed, cancelled or stale; ``state``: the
+        new state): as the swap records and publishes it, and as news for
+        ``deliver`` once the swap is applied."""
+        ...
+
+    def deliver(self, news: _News) -> None: ...
+
+
+#: The states this daemon wrote last are kept for the next change's
+#: compare-and-set (``Workflows``): at most this many bytes of JSON, and no
+#: state over ``MAX_KNOWN_STATE_BYTES``.
+MAX_KNOWN_BYTES: Final = 2 * 1024 * 1024
+MAX_KNOWN_STATE_BYTES: Final = 64 * 1024
 
 
 class Workflows:
@@ -227,15 +249,19 @@ class Workflows:
         *,
         stale_after: float,
         sleep: Callable[[float], Awaitable[None]],
-        on_change: OnChange | None = None,
+        feed: Feed[Any] | None = None,
     ) -> None:
         """``sleep(seconds)`` waits between compare-and-set attempts (``trio.sleep``
-        in the daemon); ``on_change`` is told of every change."""
+        in the daemon); ``feed`` makes the event of every change."""
         self._store = store
         self._keys = keys
         self._clock = clock
         self._sleep = sleep
-        self._on_change = on_change
+        self._feed = feed
+        # execution id -> (JSON, decoded) of the state this daemon wrote last,
+        # most recently written last; ``_known_bytes`` counts the JSON.
+        self._known: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
+        self._known_bytes = 0
         self.stale_after_ms = int(stale_after * 1000)
         self.running_ttl_ms = running_ttl_ms(stale_after)
 
@@ -377,10 +403,17 @@ class Workflows:
         for execution_id, raw in snapshot.active:
             try:
                 swap = self._cleanup_swap(execution_id, raw, now)
-                if swap is not None and await self._store.swap_workflow(swap):
+                if swap is None:
+                    continue
+                self._forget(execution_id)
+                news = None
+                if swap.new is not None and self._feed is not None:  # a stale run, now failed
+                    event, news = self._feed.prepare("stale", decode(swap.new))
+                    swap = replace(swap, event=event)
+                if await self._store.swap_workflow(swap):
                     cleaned += 1
-                    if swap.new is not None:  # a stale run, now failed
-                        await self._announce("stale", decode(swap.new))
+                    if news is not None and self._feed is not None:
+                        self._feed.deliver(news)
             except WksError:
                 errors += 1
         return Cleanup(cleaned, errors)
@@ -427,9 +460,20 @@ class Workflows:
             finished=True,
         )
 
-    async def _announce(self, kind: str, state: dict[str, Any]) -> None:
-        if self._on_change is not None:
-            await self._on_change(kind, state)
+    def _remember(self, execution_id: str, raw: bytes, state: dict[str, Any]) -> None:
+        self._forget(execution_id)
+        if len(raw) > MAX_KNOWN_STATE_BYTES:
+            return
+        self._known[execution_id] = (raw, state)
+        self._known_bytes += len(raw)
+        while self._known_bytes > MAX_KNOWN_BYTES:
+            _, (dropped, _) = self._known.popitem(last=False)
+            self._known_bytes -= len(dropped)
+
+    def _forget(self, execution_id: str) -> None:
+        known = self._known.pop(execution_id, None)
+        if known is not None:
+            self._known_bytes -= len(known[0])
 
     @staticmethod
     def _existing(execution_id: str, current: _Current) -> dict[str, Any]:
@@ -450,27 +494,64 @@ class Workflows:
         plan: Callable[[_Current, int], _Plan],
         kind: Callable[[dict[str, Any]], str],
     ) -> dict[str, Any]:
+        """Read, ``plan``, swap; again after a lost compare-and-set.
+
+        The first attempt takes the state this daemon wrote last, if it
+        knows it (``_known``), instead of reading it: when no one else wrote
+        since, that is what the store holds, and the change costs the swap
+        alone (one round trip to Redis). When someone did, the swap is lost
+        and the next attempt reads; so does a plan that fails on what may be
+        old news, before its error is believed.
+        """
         key = self._keys.workflow(execution_id)
-        for attempt in range(MAX_SWAP_ATTEMPTS):
-            raw = await self._store.get(key)
-            decision = plan(_read_state(raw), now_ms(self._clock))
+        known = self._known.get(execution_id)
+        losses = 0
+        while True:
+            now = now_ms(self._clock)
+            raw: bytes | None
+            if known is not None:
+                raw, current = known
+                try:
+                    decision = plan(current, now)
+                except WksError:
+                    known = None
+                    continue
+            else:
+                raw = await self._store.get(key)
+                decision = plan(_read_state(raw), now)
+            new = encode(decision.state, "state", MAX_STATE_BYTES)
+            event = news = None
+            if self._feed is not None:
+                event, news = self._feed.prepare(kind(decision.state), decision.state)
             swap = WorkflowSwap(
                 execution_id,
                 expected=raw,
-                new=encode(decision.state, "state", MAX_STATE_BYTES),
+                new=new,
                 ttl_ms=decision.ttl_ms,
                 active=decision.active,
                 finished_at=decision.finished_at,
-                retain_since=now_ms(self._clock) - MAX_RETENTION_MS,
+                retain_since=now - MAX_RETENTION_MS,
                 updated_at=_ms(decision.state.get("updatedAt")) or 0,
                 finished=_is_finished(decision.state),
+                event=event,
             )
             if await self._store.swap_workflow(swap):
-                await self._announce(kind(decision.state), decision.state)
+                if decision.active:
+                    self._remember(execution_id, new, decision.state)
+                else:
+                    self._forget(execution_id)
+                if self._feed is not None:
+                    self._feed.deliver(news)
                 return decision.state
-            cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2**attempt)
+            if known is not None:  # someone else wrote since: not a collision of ours
+                self._forget(execution_id)
+                known = None
+                continue
+            losses += 1
+            if losses == MAX_SWAP_ATTEMPTS:
+                raise Conflict(f"workflow {execution_id} kept changing under us; try again")
+            cap = min(SWAP_BACKOFF_CAP, SWAP_BACKOFF_BASE * 2 ** (losses - 1))
             await self._sleep(random.uniform(0, cap))
-        raise Conflict(f"workflow {execution_id} kept changing under us; try again")
 
 
 def _encode_checked(data: dict[str, Any]) -> dict[str, Any]:

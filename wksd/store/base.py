@@ -10,7 +10,8 @@ read-modify-write of its own:
 - ``lock_acquire`` / ``lock_release`` / ``lock_extend``: owner-checked, with
   the fencing token;
 - ``swap_workflow``: compare-and-set of a workflow state together with its
-  membership in the active set and the finished index;
+  membership in the active set and the finished index, and the event that
+  tells of the change (its history and the message to the other daemons);
 - ``workflow_snapshot``: every active state (and recently finished ones) in one
   round trip;
 - ``cache_fill`` / ``cache_lookup``: a cached value with the metadata bound to
@@ -38,6 +39,7 @@ __all__ = [
     "LockOutcome",
     "LockStatus",
     "Store",
+    "WorkflowEvent",
     "WorkflowSnapshot",
     "WorkflowStamp",
     "WorkflowSwap",
@@ -123,6 +125,25 @@ class WorkflowStamp:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkflowEvent:
+    """The news of a workflow change, sent with the swap that makes it.
+
+    ``raw`` (JSON) is appended at ``at_ms`` to the execution's history, which
+    then lives ``retain_ms``, and to the all-executions one; ``message`` is
+    published on ``channel`` for the other daemons sharing the Redis. Only a
+    swap that is applied records and publishes its event, and failing to do
+    either never fails the swap: the change is what the worker asked for,
+    the event is news about it.
+    """
+
+    raw: bytes
+    at_ms: int
+    retain_ms: int
+    channel: str
+    message: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowSwap:
     """One atomic change of a workflow's state and its index entries.
 
@@ -137,6 +158,9 @@ class WorkflowSwap:
     ``updatedAt`` (ms, 0: none) and whether it is finished. The stores apply
     a swap without them; the failover journals them (``stamp``) for the
     write-back of a swap made in memory during an outage.
+
+    ``event``, if any, is recorded and published with the swap, in the same
+    step (one round trip to Redis).
     """
 
     execution_id: str
@@ -148,6 +172,7 @@ class WorkflowSwap:
     retain_since: int = 0
     updated_at: int = 0
     finished: bool = False
+    event: WorkflowEvent | None = None
 
     @property
     def stamp(self) -> WorkflowStamp:

@@ -253,6 +253,9 @@ class MemoryStore:
         if self._string(self.keys.workflow(swap.execution_id), now) != swap.expected:
             return False
         self._apply_swap(swap, now, clean=False)
+        event = swap.event
+        if event is not None:  # no one to publish to without Redis
+            self._record_event(swap.execution_id, event.raw, event.at_ms, event.retain_ms)
         return True
 
     def _apply_swap(self, swap: WorkflowSwap, now: int, clean: bool) -> None:
@@ -347,6 +350,9 @@ class MemoryStore:
     async def record_event(
         self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
     ) -> None:
+        self._record_event(execution_id, event, at_ms, retain_ms)
+
+    def _record_event(self, execution_id: str, event: bytes, at_ms: int, retain_ms: int) -> None:
         expiry = self._now() + retain_ms
         self._append_event(execution_id, at_ms, event, expiry)
         if self._log is not None:

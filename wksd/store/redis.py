@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from redis.exceptions import NoScriptError
 
 from ..keys import KeySpace
@@ -27,6 +28,7 @@ from .base import (
     EVENTS_IN_ALL,
     EVENTS_PER_EXECUTION,
     LockOutcome,
+    WorkflowEvent,
     WorkflowSnapshot,
     WorkflowStamp,
     WorkflowSwap,
@@ -52,6 +54,8 @@ from .scripts import (
 )
 
 __all__ = ["RedisStore", "Restored"]
+
+log = structlog.get_logger("wksd.redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,11 @@ def _forgets(near: NearCache | None, key: str) -> Observer | None:
     if near is None:
         return None
     return lambda replies: near.forget(key)
+
+
+def _event_args(event: WorkflowEvent) -> list[Any]:
+    """RECORD_EVENT's ARGV (and WORKFLOW_SWAP's ARGV[9..13])."""
+    return [event.at_ms, event.raw, EVENTS_PER_EXECUTION, EVENTS_IN_ALL, event.retain_ms]
 
 
 def _stamp_args(stamp: WorkflowStamp | None) -> list[Any]:
@@ -257,23 +266,29 @@ class RedisStore:
         if swap.new is None and near is not None:
             # A swap that only moves the indexes (retire, finished) leaves the state as it was.
             observe = _forgets(near, state_key)
-        return bool(
-            await self._run(
-                WORKFLOW_SWAP,
-                [state_key, keys.active, keys.finished],
-                [
-                    "0" if expected is None else "1",
-                    b"" if expected is None else expected,
-                    b"" if swap.new is None else swap.new,
-                    "" if swap.ttl_ms is None else swap.ttl_ms,
-                    swap.execution_id,
-                    "1" if swap.active else "0",
-                    "" if swap.finished_at is None else swap.finished_at,
-                    swap.retain_since,
-                ],
-                observe,
-            )
-        )
+        script_keys = [state_key, keys.active, keys.finished]
+        args = [
+            "0" if expected is None else "1",
+            b"" if expected is None else expected,
+            b"" if swap.new is None else swap.new,
+            "" if swap.ttl_ms is None else swap.ttl_ms,
+            swap.execution_id,
+            "1" if swap.active else "0",
+            "" if swap.finished_at is None else swap.finished_at,
+            swap.retain_since,
+        ]
+        event = swap.event
+        if event is not None:
+            script_keys += [keys.events(swap.execution_id), keys.events(None)]
+            args += [
+                *_event_args(event),
+                event.channel,
+                event.message,
+            ]
+        applied = await self._run(WORKFLOW_SWAP, script_keys, args, observe)
+        if applied == 2:
+            log.warning("workflow event not recorded", execution_id=swap.execution_id)
+        return bool(applied)
 
     async def workflow_snapshot(self, finished_since: int | None) -> WorkflowSnapshot:
         ids, states, finished = await self._run(
@@ -325,7 +340,7 @@ class RedisStore:
         await self._run(
             RECORD_EVENT,
             [self.keys.events(execution_id), self.keys.events(None)],
-            [at_ms, event, EVENTS_PER_EXECUTION, EVENTS_IN_ALL, retain_ms],
+            _event_args(WorkflowEvent(event, at_ms, retain_ms, "", b"")),
         )
 
     async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:

@@ -129,6 +129,23 @@ return 'extended'
 """,
 )
 
+# ``record_event(execution stream, all stream, at ms, event, length kept per
+# execution, length kept for all, execution stream's TTL ms)``: append the
+# event to both streams (RECORD_EVENT says how), trimmed approximately.
+_RECORD_EVENT = """
+local function record_event(mine, all, at, event, per_execution, in_all, retain_ms)
+  local function add(key, maxlen)
+    local ok = pcall(redis.call, 'XADD', key, 'MAXLEN', '~', maxlen, at .. '-*', 'e', event)
+    if not ok then
+      redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', event)
+    end
+  end
+  add(mine, per_execution)
+  redis.call('PEXPIRE', mine, retain_ms)
+  add(all, in_all)
+end
+"""
+
 # KEYS[1] state key, KEYS[2] active set, KEYS[3] finished index (ZSET)
 # ARGV[1] '1' if a state is expected, '0' if the key must be absent
 # ARGV[2] the expected state (compared whole: redis.sha1hex would save bytes but
@@ -137,10 +154,16 @@ return 'extended'
 # ARGV[5] execution id; ARGV[6] '1' to join the active set, '0' to leave it
 # ARGV[7] finished-at score (ms) for the finished index, or ''
 # ARGV[8] index entries scored below this are pruned
-# -> 1 when applied, 0 when the state was not as expected (the caller re-reads).
+# With an event (KEYS[4] the execution's event stream, KEYS[5] the one for all):
+# ARGV[9..13] RECORD_EVENT's ARGV[1..5]; ARGV[14] the channel, ARGV[15] the
+# message published there. Both only once the swap is applied, and an error
+# recording the event (a key of another type, say) leaves the swap applied.
+# -> 1 when applied, 2 when applied but its event could not be recorded, 0 when
+#    the state was not as expected (the caller re-reads).
 WORKFLOW_SWAP = Script(
     "workflow_swap",
-    """
+    _RECORD_EVENT
+    + """
 local current = redis.call('GET', KEYS[1])
 if ARGV[1] == '1' then
   if current ~= ARGV[2] then return 0 end
@@ -163,6 +186,12 @@ else
     redis.call('ZADD', KEYS[3], ARGV[7], ARGV[5])
     redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[8])
   end
+end
+if #KEYS == 5 then
+  local recorded = pcall(
+    record_event, KEYS[4], KEYS[5], ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13])
+  redis.call('PUBLISH', ARGV[14], ARGV[15])
+  if not recorded then return 2 end
 end
 return 1
 """,
@@ -375,16 +404,9 @@ return 0
 # the id ("*"). -> 1
 RECORD_EVENT = Script(
     "record_event",
-    """
-local function add(key, maxlen)
-  local ok = pcall(redis.call, 'XADD', key, 'MAXLEN', '~', maxlen, ARGV[1] .. '-*', 'e', ARGV[2])
-  if not ok then
-    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[2])
-  end
-end
-add(KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-add(KEYS[2], ARGV[4])
+    _RECORD_EVENT
+    + """
+record_event(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 1
 """,
 )
