@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import redis
 import trio
-from redis.exceptions import ResponseError
+from redis.connection import Connection
+from redis.exceptions import DataError, ResponseError
 
 from wksd.keys import KeySpace
 from wksd.metrics import Metrics
@@ -268,7 +269,29 @@ def test_error_replies_come_out_as_redis_pys_exception_classes(chunk: int) -> No
     garbage.feed(b"?what\r\n")
     with pytest.raises(InvalidResponse):
         garbage.gets()
-    assert b"".join(pack("SET", "k", b"v")) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+    assert pack("SET", "k", b"v") == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("GET", "wks:session:u1"),
+        ("SET", "wks:session:é☃", b"\x00\xff{}", "PX", 60_000),
+        ("EVALSHA", "a" * 40, 3, "k1", "k2", "k3", b"", "", -1, 2**70, 1.5, 1e20),
+        ("SET", "k", bytearray(b"from a buffer")),  # hiredis refuses: redis-py packs it
+        ("SET", "k", memoryview(b"a view")),
+        ("SET", "k", b"x" * 100_000),  # redis-py sends a large value as its own chunk
+    ],
+    ids=["get", "unicode", "evalsha", "bytearray", "memoryview", "large"],
+)
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+    assert pack(*args) == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [None, True, object()])
+def test_an_argument_no_packer_takes_is_redis_pys_data_error(bad: object) -> None:
+    with pytest.raises(DataError):
+        pack("SET", "k", bad)
 
 
 async def test_pushes_and_observed_replies_arrive_in_wire_order(

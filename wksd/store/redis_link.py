@@ -152,8 +152,8 @@ class RedisLink:
         self, commands: Sequence[Sequence[Any]], observe: Observer | None = None
     ) -> list[Any]:
         """Send several commands in one write; their replies, errors as values."""
-        payload = b"".join(chunk for command in commands for chunk in pack(*command))
-        return await self._submit([payload], len(commands), "PIPELINE", observe)
+        payload = b"".join([pack(*command) for command in commands])
+        return await self._submit(payload, len(commands), "PIPELINE", observe)
 
     def fail(self, reason: BaseException) -> None:
         """Break the link: every caller waiting gets LinkDown, the reader stops."""
@@ -247,7 +247,7 @@ class RedisLink:
         pending.settle(outcome.Value(pending.replies))
 
     async def _submit(
-        self, chunks: list[bytes], wanted: int, name: str, observe: Observer | None
+        self, payload: bytes, wanted: int, name: str, observe: Observer | None
     ) -> list[Any]:
         if self._error is not None:
             raise _fresh(self._error)
@@ -260,8 +260,7 @@ class RedisLink:
             observe,
         )
         self._pending.append(pending)
-        for chunk in chunks:
-            self._outgoing += chunk
+        self._outgoing += payload
         if not self._writing:
             await self._flush()
         if pending.result is not None:

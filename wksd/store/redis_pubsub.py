@@ -80,7 +80,7 @@ class Subscriber:
                 commands.append(["AUTH", *user, self._target.password])
             commands.append(["CLIENT", "SETNAME", "wksd-subscriber"])
             commands.append(["SUBSCRIBE", *self._handlers])
-            await stream.send_all(b"".join(b"".join(pack(*c)) for c in commands))
+            await stream.send_all(b"".join([pack(*c) for c in commands]))
             ended: BaseException | None = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ping_forever, stream)
@@ -125,7 +125,7 @@ class Subscriber:
             self.subscribed.set()
 
     async def _ping_forever(self, stream: Any) -> None:
-        ping = b"".join(pack("PING"))
+        ping = pack("PING")
         while True:
             await trio.sleep(PING_INTERVAL)
             try:
