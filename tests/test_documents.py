@@ -94,3 +94,57 @@ async def test_non_ascii_is_stored_as_utf8(domain: Domain) -> None:
     raw = await domain.store.get("wks:session:u")
     assert raw is not None and json.loads(raw) == {"name": "Zoë"}
     assert "Zoë".encode() in raw
+
+
+async def test_a_value_read_again_is_not_parsed_again_until_it_changes(
+    domain: Domain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoded form of the bytes read last is kept (values.Decoded): the same
+    bytes answer the same value without json.loads; bytes written by anyone
+    else (here straight into the store, as the seed's app would) are parsed."""
+    from wksd.domain import values
+
+    parsed: list[bytes] = []
+    loads = json.loads
+
+    def counting_loads(raw: bytes) -> object:
+        parsed.append(raw)
+        return loads(raw)
+
+    monkeypatch.setattr(values.json, "loads", counting_loads)
+    await domain.sessions.set("u1", {"v": 1}, 60)
+    first = await domain.sessions.get("u1")
+    assert await domain.sessions.get("u1") is first and len(parsed) == 1
+    await domain.store.set("wks:session:u1", b'{"v":2}', 60_000)
+    assert await domain.sessions.get("u1") == {"v": 2} and len(parsed) == 2
+    await domain.store.delete("wks:session:u1")
+    assert await domain.sessions.get("u1") is None
+    await domain.store.set("wks:session:u1", b'{"v":2}', 60_000)
+    assert await domain.sessions.get("u1") == {"v": 2} and len(parsed) == 3
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a":"\\ud83d"}', b"", b"not json", b'{"x":1}', b"[1,2]", b"null"],
+    ids=["lone-surrogate", "empty", "not-json", "map", "list", "null"],
+)
+def test_the_memory_answers_exactly_what_decode_does(raw: bytes) -> None:
+    from wksd.domain.values import Decoded, decode
+
+    decoded = Decoded(1 << 20)
+    assert decoded("k", raw) == decode(raw)
+    assert decoded("k", bytes(raw)) == decode(raw)  # equal bytes, another object
+
+
+def test_the_memory_is_bounded_in_bytes() -> None:
+    """At most max_bytes of JSON, least recently read out first, no value over
+    a sixteenth of the bound."""
+    from wksd.domain.values import Decoded
+
+    decoded = Decoded(1600)
+    for index in range(40):
+        decoded(f"k{index}", b'"' + b"x" * 98 + b'"')
+    assert decoded.bytes <= 1600 and len(decoded) == 16
+    decoded("big", b'"' + b"x" * 99 + b'"')  # 101 bytes: over 1600 // 16
+    assert len(decoded) == 16 and decoded.bytes <= 1600
+    assert decoded("k39", None) is None and len(decoded) == 15

@@ -6,9 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..store.base import Store
-from .values import decode, encode, ttl_ms
+from .values import Decoded, encode, ttl_ms
 
-__all__ = ["Documents"]
+__all__ = ["DECODED_BYTES", "Documents"]
+
+#: JSON kept decoded per namespace (``Decoded``): a few thousand hot sessions.
+DECODED_BYTES = 1024 * 1024
 
 
 class Documents:
@@ -18,14 +21,15 @@ class Documents:
         self._store = store
         self._key = key
         self._what = what
+        self._decoded = Decoded(DECODED_BYTES)
 
     async def set(self, name: str, value: Any, ttl: float) -> bool:
         await self._store.set(self._key(name), encode(value, self._what), ttl_ms(ttl))
         return True
 
     async def get(self, name: str) -> Any:
-        raw = await self._store.get(self._key(name))
-        return None if raw is None else decode(raw)
+        key = self._key(name)
+        return self._decoded(key, await self._store.get(key))
 
     async def delete(self, name: str) -> bool:
         return await self._store.delete(self._key(name))

@@ -49,7 +49,7 @@ from clientlib.errors import BadRequest, Conflict, InternalError, NotFound, WksE
 from ..clock import Clock, now_ms
 from ..keys import KeySpace
 from ..store.base import Store, WorkflowEvent, WorkflowSwap
-from .values import MAX_SAFE_INTEGER, MAX_STATE_BYTES, decode, encode
+from .values import MAX_SAFE_INTEGER, MAX_STATE_BYTES, Decoded, decode, encode
 
 __all__ = [
     "FINISHED",
@@ -262,6 +262,7 @@ class Workflows:
         # most recently written last; ``_known_bytes`` counts the JSON.
         self._known: OrderedDict[str, tuple[bytes, dict[str, Any]]] = OrderedDict()
         self._known_bytes = 0
+        self._decoded = Decoded(MAX_KNOWN_BYTES)
         self.stale_after_ms = int(stale_after * 1000)
         self.running_ttl_ms = running_ttl_ms(stale_after)
 
@@ -350,8 +351,9 @@ class Workflows:
         return await self._change(execution_id, plan, lambda state: str(state["status"]))
 
     async def get(self, execution_id: str) -> dict[str, Any] | None:
-        raw = await self._store.get(self._keys.workflow(execution_id))
-        return None if raw is None else decode(raw)
+        key = self._keys.workflow(execution_id)
+        state: dict[str, Any] | None = self._decoded(key, await self._store.get(key))
+        return state
 
     async def active(self) -> list[str]:
         """The ids in the active set, sorted."""
