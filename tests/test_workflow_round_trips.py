@@ -145,3 +145,33 @@ async def test_a_lost_swap_records_and_publishes_nothing(
     with pytest.raises(Exception, match="no workflow e1"):
         await daemon.workflows.update("e1", 1, "late", None)
     assert [e["type"] for e in _events(redis_server, "e1")] == ["started"]
+
+
+def test_our_own_messages_are_known_without_parsing_and_others_delivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis sends this daemon's messages back to its subscription: they are
+    skipped by their first bytes; another daemon's (even one whose origin
+    begins like ours) reach the subscribers; unreadable ones nobody."""
+    from wksd.coordination import feeds as feeds_module
+    from wksd.store.memory import MemoryStore
+
+    from .test_coordination import FakeSession
+
+    parsed: list[bytes] = []
+    loads = json.loads
+    monkeypatch.setattr(feeds_module.json, "loads", lambda raw: parsed.append(raw) or loads(raw))
+
+    feeds = Feeds(MemoryStore(), KEYS, origin="here", retain_ms=1000)
+    session = FakeSession(1)
+    trio.run(feeds.subscribe, session, None)
+    state = {"executionId": "e1", "updatedAt": 5}
+    event, _ = feeds.prepare("progress", state)
+    feeds.on_message(event.message)  # our own, back from Redis
+    assert session.pushed == [] and parsed == []
+    theirs = Feeds(MemoryStore(), KEYS, origin="here2", retain_ms=1000)
+    feeds.on_message(theirs.prepare("progress", state)[0].message)
+    feeds.on_message(b'{"origin":')
+    assert session.pushed == [
+        ("workflow.event", [{"executionId": "e1", "type": "progress", "state": state, "at": 5}])
+    ]

@@ -49,6 +49,8 @@ class Feeds:
         self._store = store
         self._channel = keys.workflow_channel
         self._origin = origin
+        # How our own messages begin: Redis sends them back to our subscription.
+        self._own_prefix = b'{"origin":%s,' % _json(origin)
         self._retain_ms = retain_ms
         # execution id (None: every execution) -> subscribed sessions by id
         self._subscribers: dict[str | None, dict[int, Session]] = {}
@@ -73,7 +75,7 @@ class Feeds:
             event = {**event, "state": {**state, "data": {}}, "dataOmitted": True}
             raw = _json(event)
         # The envelope {"origin", "event"} around the JSON already made.
-        message = b'{"origin":%s,"event":%s}' % (_json(self._origin), raw)
+        message = b'%s"event":%s}' % (self._own_prefix, raw)
         return WorkflowEvent(raw, event["at"], self._retain_ms, self._channel, message), event
 
     def deliver(self, event: dict[str, Any]) -> None:
@@ -86,7 +88,10 @@ class Feeds:
             session.push("workflow.event", [event])
 
     def on_message(self, message: bytes) -> None:
-        """An event published by a daemon sharing the Redis (pub/sub)."""
+        """An event published by a daemon sharing the Redis (pub/sub); our own
+        come back too, and are known by their first bytes without parsing."""
+        if message.startswith(self._own_prefix):
+            return
         try:
             envelope = json.loads(message)
             if envelope["origin"] != self._origin:
