@@ -13,7 +13,8 @@ case once, in a shuffled order, so drift on a small VM hits them alike):
   ``SET PX``;
 - **workflow.update** in Redis mode against the seed's read-modify-write by
   hand (``GET``, ``json.loads``, set progress, currentStep, updatedAt,
-  ``json.dumps``, ``SET EX``);
+  ``json.dumps``, ``SET EX``), each on workflows of its own, as a worker
+  drives its run (``WORKFLOW_PREFIXES``);
 - **8 processes** reading, then writing, at once, Redis mode: aggregate
   throughput against 8 redis-py processes;
 - **another daemon sees a write**: a second daemon on the same Redis has read
@@ -70,7 +71,7 @@ from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import redis
 from redis.utils import HIREDIS_AVAILABLE
@@ -191,6 +192,16 @@ def js_round(number: float) -> int:
 
 def hot_ids(prefix: str) -> list[str]:
     return [f"{prefix}{number}" for number in range(HOT_KEYS)]
+
+
+#: Each updater drives workflows of its own, as a worker drives its runs: the
+#: daemon's updates and the redis-py ones never write the same state.
+WORKFLOW_PREFIXES: Final = {"daemon A": "wf-", "redis-py": "wf-direct-"}
+
+
+def workflow_ids() -> list[str]:
+    """Every updater's workflows."""
+    return [key for prefix in WORKFLOW_PREFIXES.values() for key in hot_ids(prefix)]
 
 
 # -- the clients a worker would use ----------------------------------------
@@ -721,7 +732,7 @@ def seed(setup: Setup) -> None:
         setup.wksd["a"].write(key, value)
         setup.visible.values[key] = value
         setup.visible.check("daemon B", key, setup.wksd["b"].read(key))
-    for key in hot_ids("wf-"):
+    for key in workflow_ids():
         setup.wksd["a"].client.start_workflow_tracking(key, "bench", TOTAL_STEPS)
         setup.workflows.values[key] = 0
     final_check(setup)
@@ -758,7 +769,7 @@ def final_check(setup: Setup) -> None:
             setup.sessions.check(reader, key, read(key))
         setup.memory.check("the memory daemon", key, setup.wksd["memory"].read(key))
         setup.durable.check("the durable daemon", key, setup.wksd["durable"].read(key))
-    for key in hot_ids("wf-"):
+    for key in workflow_ids():
         raw = setup.direct.redis.get(WORKFLOW_PREFIX + key)
         got = json.loads(raw)["completedSteps"]  # type: ignore[arg-type]
         if got != setup.workflows.values[key]:
@@ -880,7 +891,7 @@ class Runner:
     def updates(
         self, name: str, update: Callable[[str, int], int], updater: str
     ) -> Callable[[Placement], tuple[list[int], int]]:
-        keys = hot_ids("wf-")
+        keys = hot_ids(WORKFLOW_PREFIXES[updater])
         keyspace = self.setup.workflows
 
         def case(placement: Placement) -> tuple[list[int], int]:
