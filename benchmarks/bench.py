@@ -2,8 +2,14 @@
 
 Every figure is a ratio against what a worker would otherwise write itself:
 redis-py (with hiredis) over TCP loopback to a redis-server, as a remote Redis
-is reached. One run measures, interleaved over rounds (each round runs every
-case once, in a shuffled order, so drift on a small VM hits them alike):
+is reached. That peer Redis is one of its own, which no daemon tracks: the
+world without wksd. On the daemons' Redis every write to a tracked prefix
+sends each daemon an invalidation, whose handling competes with the writer
+for its CPU (it made a redis-py ``SET`` there cost 247 µs instead of about
+110 µs), so redis-py measured there would flatter wksd. (Each round redis-py
+also writes every hot session on the daemons' Redis, untimed, and the daemons
+must follow.) One run measures, interleaved over rounds (each round runs
+every case once, in a shuffled order, so drift on a small VM hits them alike):
 
 - **session read**: ``get_session`` of wksd on memory, and in Redis mode with
   its near cache, against redis-py ``GET`` + ``json.loads``; where the Redis
@@ -37,8 +43,9 @@ crosses cores; ``unpinned`` leaves it to the scheduler. ``--placement both``
 (the default) runs both in every round.
 
 Everything runs on private processes (tests/redis_server.py,
-tests/processes.py): a redis-server on a free port in a temporary
-directory, never the machine's Redis on 6379, and four daemons; all are
+tests/processes.py): two redis-servers (the daemons' and the peer) on free
+ports in a temporary directory, never the machine's Redis on 6379, and four
+daemons; all are
 stopped when the run ends, Ctrl-C included. Run from the repository root::
 
     python benchmarks/bench.py                          # about two minutes on 2 cores
@@ -197,11 +204,6 @@ def hot_ids(prefix: str) -> list[str]:
 #: Each updater drives workflows of its own, as a worker drives its runs: the
 #: daemon's updates and the redis-py ones never write the same state.
 WORKFLOW_PREFIXES: Final = {"daemon A": "wf-", "redis-py": "wf-direct-"}
-
-
-def workflow_ids() -> list[str]:
-    """Every updater's workflows."""
-    return [key for prefix in WORKFLOW_PREFIXES.values() for key in hot_ids(prefix)]
 
 
 # -- the clients a worker would use ----------------------------------------
@@ -623,11 +625,14 @@ class Setup:
     redis_version: tuple[int, ...]
     daemons: dict[str, DaemonProcess]
     direct: DirectSessions
+    peer_server: RedisServer  # the world without wksd: a Redis no daemon tracks
+    peer: DirectSessions
     cached: DirectSessions | None  # redis-py's client-side cache, where Redis has it
     cached_skipped: str | None  # why not
     wksd: dict[str, WksdSessions]
     pool: Pool
     sessions: Keyspace = field(default_factory=lambda: Keyspace("Redis's sessions"))
+    peer_sessions: Keyspace = field(default_factory=lambda: Keyspace("the peer Redis's sessions"))
     memory: Keyspace = field(default_factory=lambda: Keyspace("the memory daemon's sessions"))
     durable: Keyspace = field(default_factory=lambda: Keyspace("the durable daemon's sessions"))
     workflows: Keyspace = field(default_factory=lambda: Keyspace("Redis's workflows"))
@@ -678,6 +683,8 @@ def set_up(stack: contextlib.ExitStack, context: ForkServerContext) -> Setup:
     stack.callback(shutil.rmtree, directory, ignore_errors=True)
     server = RedisServer(directory / "redis").start()
     stack.callback(server.stop)
+    peer_server = RedisServer(directory / "peer").start()
+    stack.callback(peer_server.stop)
     on_redis = {
         "REDIS_ENABLED": "1",
         "REDIS_URL": server.url,
@@ -703,6 +710,8 @@ def set_up(stack: contextlib.ExitStack, context: ForkServerContext) -> Setup:
     address = f"127.0.0.1:{server.port}"
     direct = DirectSessions(address)
     stack.callback(direct.close)
+    peer = DirectSessions(f"127.0.0.1:{peer_server.port}")
+    stack.callback(peer.close)
     cached, skipped = client_side_cache(address, version)
     if cached is not None:
         stack.callback(cached.close)
@@ -711,7 +720,7 @@ def set_up(stack: contextlib.ExitStack, context: ForkServerContext) -> Setup:
         stack.callback(sessions.close)
     pool = Pool(context)
     stack.callback(pool.close)
-    setup = Setup(server, version, daemons, direct, cached, skipped, wksd, pool)
+    setup = Setup(server, version, daemons, direct, peer_server, peer, cached, skipped, wksd, pool)
     seed(setup)
     return setup
 
@@ -723,6 +732,7 @@ def seed(setup: Setup) -> None:
             (setup.sessions, setup.wksd["a"]),
             (setup.memory, setup.wksd["memory"]),
             (setup.durable, setup.wksd["durable"]),
+            (setup.peer_sessions, setup.peer),
         ):
             value = keyspace.next_session(key)
             sessions.write(key, value)
@@ -732,8 +742,24 @@ def seed(setup: Setup) -> None:
         setup.wksd["a"].write(key, value)
         setup.visible.values[key] = value
         setup.visible.check("daemon B", key, setup.wksd["b"].read(key))
-    for key in workflow_ids():
+    for key in hot_ids(WORKFLOW_PREFIXES["daemon A"]):
         setup.wksd["a"].client.start_workflow_tracking(key, "bench", TOTAL_STEPS)
+        setup.workflows.values[key] = 0
+    now = int(time.time() * 1000)
+    for key in hot_ids(WORKFLOW_PREFIXES["redis-py"]):  # as the seed's app starts one
+        state = {
+            "executionId": key,
+            "workflowId": "bench",
+            "status": "running",
+            "progress": 0,
+            "currentStep": "initializing",
+            "totalSteps": TOTAL_STEPS,
+            "completedSteps": 0,
+            "data": {},
+            "startedAt": now,
+            "updatedAt": now,
+        }
+        setup.peer.redis.set(WORKFLOW_PREFIX + key, compact_json(state), ex=SEED_WORKFLOW_TTL)
         setup.workflows.values[key] = 0
     final_check(setup)
 
@@ -765,11 +791,17 @@ def final_check(setup: Setup) -> None:
     """Every store holds each hot key's last value, read by every reader."""
     for key in hot_ids("hot-"):
         setup.sessions.check("redis-py", key, setup.direct.read(key))
+        setup.peer_sessions.check("redis-py", key, setup.peer.read(key))
         for reader, read in session_readers(setup):
             setup.sessions.check(reader, key, read(key))
         setup.memory.check("the memory daemon", key, setup.wksd["memory"].read(key))
         setup.durable.check("the durable daemon", key, setup.wksd["durable"].read(key))
-    for key in workflow_ids():
+    for key in hot_ids(WORKFLOW_PREFIXES["redis-py"]):
+        raw = setup.peer.redis.get(WORKFLOW_PREFIX + key)
+        got = json.loads(raw)["completedSteps"]  # type: ignore[arg-type]
+        if got != setup.workflows.values[key]:
+            raise StaleRead(f"workflow {key} has completedSteps {got} in the peer Redis")
+    for key in hot_ids(WORKFLOW_PREFIXES["daemon A"]):
         raw = setup.direct.redis.get(WORKFLOW_PREFIX + key)
         got = json.loads(raw)["completedSteps"]  # type: ignore[arg-type]
         if got != setup.workflows.values[key]:
@@ -780,8 +812,9 @@ def final_check(setup: Setup) -> None:
 
 
 def apply_placement(setup: Setup, placement: Placement) -> None:
-    assert setup.redis_server.process is not None
-    pin_process(setup.redis_server.process.pid, placement.redis)
+    for server in (setup.redis_server, setup.peer_server):
+        assert server.process is not None
+        pin_process(server.process.pid, placement.redis)
     for daemon in setup.daemons.values():
         assert daemon.process is not None
         pin_process(daemon.process.pid, placement.clients)
@@ -833,14 +866,16 @@ class Runner:
         setup = self.setup
         wksd = setup.wksd
         cases: dict[str, Callable[[Placement], tuple[list[int], int]]] = {
-            READ_DIRECT: self.reads(READ_DIRECT, setup.direct.read, setup.sessions),
+            READ_DIRECT: self.reads(READ_DIRECT, setup.peer.read, setup.peer_sessions),
             READ_MEMORY: self.reads(READ_MEMORY, wksd["memory"].read, setup.memory),
             READ_REDIS: self.reads(READ_REDIS, wksd["a"].read, setup.sessions),
-            WRITE_DIRECT: self.writes(WRITE_DIRECT, setup.direct.write, setup.sessions, "redis-py"),
+            WRITE_DIRECT: self.writes(
+                WRITE_DIRECT, setup.peer.write, setup.peer_sessions, None, then=self.plain_writes
+            ),
             WRITE_REDIS: self.writes(WRITE_REDIS, wksd["a"].write, setup.sessions, "daemon A"),
             WRITE_MEMORY: self.writes(WRITE_MEMORY, wksd["memory"].write, setup.memory, None),
             WRITE_DURABLE: self.writes(WRITE_DURABLE, wksd["durable"].write, setup.durable, None),
-            UPDATE_DIRECT: self.updates(UPDATE_DIRECT, setup.direct.update, "redis-py"),
+            UPDATE_DIRECT: self.updates(UPDATE_DIRECT, setup.peer.update, "redis-py"),
             UPDATE_REDIS: self.updates(UPDATE_REDIS, wksd["a"].update, "daemon A"),
             PARALLEL_READ_DIRECT: self.parallel("read", "redis"),
             PARALLEL_READ_REDIS: self.parallel("read", "wksd"),
@@ -875,7 +910,9 @@ class Runner:
         write: Callable[[str, dict[str, Any]], None],
         keyspace: Keyspace,
         writer: str | None,
+        then: Callable[[], None] | None = None,
     ) -> Callable[[Placement], tuple[list[int], int]]:
+        """``then`` runs after the timed writes, untimed."""
         keys = hot_ids("hot-")
 
         def case(placement: Placement) -> tuple[list[int], int]:
@@ -884,9 +921,18 @@ class Runner:
             latencies = timed_writes(write, keyspace, keys, count, self.advance(name, count))
             if writer is not None:  # Redis's sessions: the caches must follow
                 settle(self.setup, writer, self.settle_stale)
+            if then is not None:
+                then()
             return latencies, sum(latencies)
 
         return case
+
+    def plain_writes(self) -> None:
+        """Untimed: redis-py writes every hot session on the daemons' Redis, as
+        the seed's app would, and every caching reader must follow."""
+        setup = self.setup
+        timed_writes(setup.direct.write, setup.sessions, hot_ids("hot-"), HOT_KEYS, 0)
+        settle(setup, "redis-py", self.settle_stale)
 
     def updates(
         self, name: str, update: Callable[[str, int], int], updater: str
@@ -909,29 +955,31 @@ class Runner:
     ) -> Callable[[Placement], tuple[list[int], int]]:
         setup = self.setup
         address = (
-            f"127.0.0.1:{setup.redis_server.port}" if via == "redis" else setup.daemons["a"].path
+            f"127.0.0.1:{setup.peer_server.port}" if via == "redis" else setup.daemons["a"].path
         )
         target = Target(via, address)
+        sessions = setup.peer_sessions if via == "redis" else setup.sessions
+        truth = setup.peer if via == "redis" else setup.direct
 
         def case(placement: Placement) -> tuple[list[int], int]:
             self.jobs += 1
             tag = f"job-{self.jobs}"
-            expected = dict(setup.sessions.values) if kind == "read" else None
+            expected = dict(sessions.values) if kind == "read" else None
             job = Job(kind, target, self.counts.parallel_ops, placement.clients, tag, expected)
             reports = setup.pool.run([job] * PROCESSES)
             if kind == "write":
-                self.check_written(reports)
+                self.check_written(reports, truth)
             pooled = [latency for report in reports for latency in report.latencies]
             window = max(r.finished_ns for r in reports) - min(r.started_ns for r in reports)
             return pooled, window
 
         return case
 
-    def check_written(self, reports: Sequence[WorkerResult]) -> None:
+    def check_written(self, reports: Sequence[WorkerResult], truth: DirectSessions) -> None:
         """What each worker wrote last is in Redis (read plainly: Redis is the truth)."""
         for report in reports:
             keys = list(report.written)
-            raws = self.setup.direct.redis.mget([SESSION_PREFIX + key for key in keys])
+            raws = truth.redis.mget([SESSION_PREFIX + key for key in keys])
             for key, raw in zip(keys, raws, strict=True):  # type: ignore[arg-type]
                 got = None if raw is None else json.loads(raw)
                 if got != report.written[key]:
