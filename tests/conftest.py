@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from wksd.store.base import Store
 from wksd.store.durable import DurableLog
 from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
+from wksd.store.near_cache import NearCache, tracked_prefixes
 from wksd.store.redis import RedisStore
 from wksd.store.redis_target import RedisTarget, open_link
 
@@ -181,3 +183,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@dataclass
+class Tracked:
+    """A RedisStore with a near cache, on a link opened with its tracking."""
+
+    store: RedisStore
+    near: NearCache
+
+    async def settled(self) -> None:
+        """Every push queued before now has been applied (the module doc)."""
+        await self.store.link.execute("PING")
+
+
+@pytest.fixture
+async def tracked(redis_server: RedisServer, nursery: trio.Nursery) -> AsyncIterator[Tracked]:
+    near = NearCache(1 << 20)
+    link = await open_link(
+        RedisTarget(port=redis_server.port),
+        5.0,
+        nursery,
+        track=tracked_prefixes(KeySpace()),
+        on_push=near.on_push,
+    )
+    store = RedisStore(link, KeySpace(), near=near)
+    await store.load_scripts()
+    yield Tracked(store, near)
+    link.fail(RuntimeError("test over"))

@@ -65,7 +65,7 @@ async def fill(memory: MemoryStore) -> None:
     await memory.lock_acquire("e1", "w1", 30_000)
     await memory.lock_acquire("e2", "w2", 30_000)
     await memory.lock_release("e2", "w2")
-    await memory.record_event("e1", b'{"type":"x"}', 1, 60_000)
+    memory.record_event("e1", b'{"type":"x"}', 1, 60_000)
 
 
 async def test_every_change_survives_a_crash(tmp_path: Path, clock: ManualClock) -> None:

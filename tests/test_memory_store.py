@@ -259,12 +259,12 @@ async def test_event_histories_stay_within_their_budgets(
     monkeypatch.setattr(memory, "EVENT_BYTES_BUDGET", 10_000)
     event = b"x" * 1000
     for index in range(30):
-        await store.record_event(f"e{index % 3}", event, index, 60_000)
+        store.record_event(f"e{index % 3}", event, index, 60_000)
     assert store._log_bytes <= 10_000 and store._all_bytes <= 10_000
     assert len(await store.read_events(None, -1, 100)) == 10
     assert len(await store.read_events("e2", -1, 100)) > 0  # the latest execution stays
     for index in range(2000):
-        await store.record_event("chatty", b"y", 100 + index, 60_000)
+        store.record_event("chatty", b"y", 100 + index, 60_000)
     assert len(await store.read_events("chatty", -1, 5000)) == memory.EVENTS_PER_EXECUTION
 
 

@@ -10,8 +10,7 @@ arrived" the coherence tests wait for, where no test may sleep.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -22,10 +21,10 @@ from wksd.keys import KeySpace
 from wksd.metrics import Metrics
 from wksd.store.failover import FailoverStore
 from wksd.store.memory import MemoryStore
-from wksd.store.near_cache import ENTRY_OVERHEAD, NearCache, tracked_prefixes
-from wksd.store.redis import RedisStore
-from wksd.store.redis_target import RedisTarget, open_link
+from wksd.store.near_cache import ENTRY_OVERHEAD, NearCache
+from wksd.store.redis_target import RedisTarget
 
+from .conftest import Tracked
 from .polling import await_until, wait_until
 from .processes import DaemonProcess, metric
 from .redis_server import RedisServer
@@ -101,31 +100,7 @@ def test_the_setting_is_checked() -> None:
         assert caught.value.variable == "WKSD_NEAR_CACHE_BYTES"
 
 
-# -- a store on a tracked link --------------------------------------------------------
-@dataclass
-class Tracked:
-    store: RedisStore
-    near: NearCache
-
-    async def settled(self) -> None:
-        """Every push queued before now has been applied (the module doc)."""
-        await self.store.link.execute("PING")
-
-
-@pytest.fixture
-async def tracked(redis_server: RedisServer, nursery: trio.Nursery) -> AsyncIterator[Tracked]:
-    near = NearCache(1 << 20)
-    link = await open_link(
-        RedisTarget(port=redis_server.port),
-        5.0,
-        nursery,
-        track=tracked_prefixes(KEYS),
-        on_push=near.on_push,
-    )
-    store = RedisStore(link, KEYS, near=near)
-    await store.load_scripts()
-    yield Tracked(store, near)
-    link.fail(RuntimeError("test over"))
+# -- a store on a tracked link (conftest's ``tracked``) ------------------------------
 
 
 async def test_reads_are_served_from_the_copy_and_own_writes_update_it(

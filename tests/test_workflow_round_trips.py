@@ -21,11 +21,9 @@ from wksd.clock import SystemClock
 from wksd.coordination.feeds import Feeds
 from wksd.domain import Workflows
 from wksd.keys import KeySpace
-from wksd.store.near_cache import NearCache, tracked_prefixes
-from wksd.store.redis import RedisStore
 from wksd.store.redis_link import RedisLink
-from wksd.store.redis_target import RedisTarget, open_link
 
+from .conftest import Tracked
 from .redis_server import RedisServer
 
 KEYS = KeySpace()
@@ -58,23 +56,14 @@ class Daemon:
 
 
 @pytest.fixture
-async def daemon(redis_server: RedisServer, nursery: trio.Nursery) -> AsyncIterator[Daemon]:
-    near = NearCache(1 << 20)
-    link = await open_link(
-        RedisTarget(port=redis_server.port),
-        5.0,
-        nursery,
-        track=tracked_prefixes(KEYS),
-        on_push=near.on_push,
-    )
-    store = RedisStore(link, KEYS, near=near)
-    await store.load_scripts()
-    feeds = Feeds(store, KEYS, origin="here", retain_ms=600_000)
+async def daemon(tracked: Tracked) -> AsyncIterator[Daemon]:
+    """conftest's ``tracked`` store (a near cache on a tracking link), with the
+    feeds and the workflows the daemon wires over it."""
+    feeds = Feeds(tracked.store, KEYS, origin="here", retain_ms=600_000)
     workflows = Workflows(
-        store, KEYS, SystemClock(), stale_after=3600, sleep=trio.sleep, feed=feeds
+        tracked.store, KEYS, SystemClock(), stale_after=3600, sleep=trio.sleep, feed=feeds
     )
-    yield Daemon(workflows, feeds, Sent(link))
-    link.fail(RuntimeError("test over"))
+    yield Daemon(workflows, feeds, Sent(tracked.store.link))
 
 
 def _events(redis_server: RedisServer, execution_id: str | None) -> list[dict[str, Any]]:

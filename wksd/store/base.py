@@ -254,12 +254,6 @@ class Store(Protocol):
         """Tell the other daemons sharing Redis; nothing to do without Redis."""
         ...
 
-    async def record_event(
-        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
-    ) -> None:
-        """Append an event to its execution's history and to the all-executions one."""
-        ...
-
     async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         """Recorded events with a time after ``since_ms``, oldest first, at most ``limit``."""
         ...

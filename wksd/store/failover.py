@@ -427,11 +427,6 @@ class FailoverStore:
         if redis is not None:
             await self._on_either(redis, lambda store: store.publish(channel, message))
 
-    async def record_event(
-        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
-    ) -> None:
-        await self._write(lambda store: store.record_event(execution_id, event, at_ms, retain_ms))
-
     async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         return await self._read(lambda store: store.read_events(execution_id, since_ms, limit))
 

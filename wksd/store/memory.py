@@ -255,7 +255,7 @@ class MemoryStore:
         self._apply_swap(swap, now, clean=False)
         event = swap.event
         if event is not None:  # no one to publish to without Redis
-            self._record_event(swap.execution_id, event.raw, event.at_ms, event.retain_ms)
+            self.record_event(swap.execution_id, event.raw, event.at_ms, event.retain_ms)
         return True
 
     def _apply_swap(self, swap: WorkflowSwap, now: int, clean: bool) -> None:
@@ -347,12 +347,9 @@ class MemoryStore:
     async def publish(self, channel: str, message: bytes) -> None:
         return None  # one daemon, no Redis: nobody else to tell
 
-    async def record_event(
-        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
-    ) -> None:
-        self._record_event(execution_id, event, at_ms, retain_ms)
-
-    def _record_event(self, execution_id: str, event: bytes, at_ms: int, retain_ms: int) -> None:
+    def record_event(self, execution_id: str, event: bytes, at_ms: int, retain_ms: int) -> None:
+        """Append an event to its execution's history and to the all-executions
+        one (``swap_workflow`` does, for a swap's event)."""
         expiry = self._now() + retain_ms
         self._append_event(execution_id, at_ms, event, expiry)
         if self._log is not None:

@@ -28,7 +28,6 @@ from .base import (
     EVENTS_IN_ALL,
     EVENTS_PER_EXECUTION,
     LockOutcome,
-    WorkflowEvent,
     WorkflowSnapshot,
     WorkflowStamp,
     WorkflowSwap,
@@ -43,7 +42,6 @@ from .scripts import (
     LOCK_EXTEND,
     LOCK_RELEASE,
     RAISE_COUNTER,
-    RECORD_EVENT,
     RESTORE_LOCK,
     RESTORE_PLAIN,
     RESTORE_WORKFLOW,
@@ -112,11 +110,6 @@ def _forgets(near: NearCache | None, key: str) -> Observer | None:
     if near is None:
         return None
     return lambda replies: near.forget(key)
-
-
-def _event_args(event: WorkflowEvent) -> list[Any]:
-    """RECORD_EVENT's ARGV (and WORKFLOW_SWAP's ARGV[9..13])."""
-    return [event.at_ms, event.raw, EVENTS_PER_EXECUTION, EVENTS_IN_ALL, event.retain_ms]
 
 
 def _stamp_args(stamp: WorkflowStamp | None) -> list[Any]:
@@ -281,7 +274,11 @@ class RedisStore:
         if event is not None:
             script_keys += [keys.events(swap.execution_id), keys.events(None)]
             args += [
-                *_event_args(event),
+                event.at_ms,
+                event.raw,
+                EVENTS_PER_EXECUTION,
+                EVENTS_IN_ALL,
+                event.retain_ms,
                 event.channel,
                 event.message,
             ]
@@ -333,15 +330,6 @@ class RedisStore:
 
     async def publish(self, channel: str, message: bytes) -> None:
         await self.link.execute("PUBLISH", channel, message)
-
-    async def record_event(
-        self, execution_id: str, event: bytes, at_ms: int, retain_ms: int
-    ) -> None:
-        await self._run(
-            RECORD_EVENT,
-            [self.keys.events(execution_id), self.keys.events(None)],
-            _event_args(WorkflowEvent(event, at_ms, retain_ms, "", b"")),
-        )
 
     async def read_events(self, execution_id: str | None, since_ms: int, limit: int) -> list[bytes]:
         entries = await self.link.execute(

@@ -24,7 +24,6 @@ __all__ = [
     "LOCK_EXTEND",
     "LOCK_RELEASE",
     "RAISE_COUNTER",
-    "RECORD_EVENT",
     "RESTORE_LOCK",
     "RESTORE_PLAIN",
     "RESTORE_WORKFLOW",
@@ -131,7 +130,10 @@ return 'extended'
 
 # ``record_event(execution stream, all stream, at ms, event, length kept per
 # execution, length kept for all, execution stream's TTL ms)``: append the
-# event to both streams (RECORD_EVENT says how), trimmed approximately.
+# event to both streams, trimmed approximately; the execution's stream goes
+# with the workflow state (its TTL). The entry id is "<time>-*" so XRANGE by
+# time finds it; when that is not after the stream's last id (another
+# daemon's clock ran ahead), Redis picks the id ("*").
 _RECORD_EVENT = """
 local function record_event(mine, all, at, event, per_execution, in_all, retain_ms)
   local function add(key, maxlen)
@@ -155,7 +157,7 @@ end
 # ARGV[7] finished-at score (ms) for the finished index, or ''
 # ARGV[8] index entries scored below this are pruned
 # With an event (KEYS[4] the execution's event stream, KEYS[5] the one for all):
-# ARGV[9..13] RECORD_EVENT's ARGV[1..5]; ARGV[14] the channel, ARGV[15] the
+# ARGV[9..13] record_event's at, event, lengths and TTL; ARGV[14] the channel, ARGV[15] the
 # message published there. Both only once the swap is applied, and an error
 # recording the event (a key of another type, say) leaves the swap applied.
 # -> 1 when applied, 2 when applied but its event could not be recorded, 0 when
@@ -395,22 +397,6 @@ return 0
 """,
 )
 
-# KEYS[1] the execution's event stream, KEYS[2] the all-executions stream
-# ARGV[1] the event's time (ms), ARGV[2] the event (JSON)
-# ARGV[3] length kept per execution, ARGV[4] length kept for all, ARGV[5] the
-#         execution stream's TTL in ms (it goes with the workflow state)
-# The entry id is "<time>-*" so XRANGE by time finds it; when that is not
-# after the stream's last id (another daemon's clock ran ahead), Redis picks
-# the id ("*"). -> 1
-RECORD_EVENT = Script(
-    "record_event",
-    _RECORD_EVENT
-    + """
-record_event(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
-return 1
-""",
-)
-
 # A cached value and its stale-while-revalidate metadata (wksd.coordination.singleflight).
 # The metadata is the value's while both expire at the same millisecond: it
 # is written with PXAT the value's PEXPIRETIME, never to outlive it, and any
@@ -459,7 +445,6 @@ SCRIPTS = (
     RESTORE_LOCK,
     RAISE_COUNTER,
     DELETE_IF_EQUAL,
-    RECORD_EVENT,
     CACHE_FILL,
     CACHE_LOOKUP,
 )
