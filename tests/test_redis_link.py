@@ -313,15 +313,15 @@ async def test_pushes_and_observed_replies_arrive_in_wire_order(
     await link.execute("SET", "t:a", "1", observe=observe)  # ours: no push (NOLOOP)
     await trio.to_thread.run_sync(other.set, "t:a", "2")
     await link.execute("GET", "t:a", observe=observe)
-    with trio.move_on_after(0) as scope:  # cancelled while waiting
-        await link.execute("GET", "t:a", observe=observe)
+    with trio.move_on_after(0.01) as scope:  # cancelled while waiting
+        await link.execute("BLPOP", "t:empty", 0.05, observe=observe)
     assert scope.cancelled_caught
     await link.execute("PING")
     assert seen == [
         ("reply", [b"OK"]),
         ("push", [b"invalidate", [b"t:a"]]),
         ("reply", [b"2"]),
-        ("reply", [b"2"]),
+        ("reply", [None]),
     ]
 
 
@@ -336,3 +336,85 @@ async def test_a_hook_that_raises_breaks_the_link(
     with pytest.raises(LinkDown, match="could not be handled"):
         await link.execute("PING", observe=observe)
     assert link.broken
+
+
+async def reading_task(link: RedisLink, *command: Any) -> trio.lowlevel.Task:
+    """The task that read the reply to ``command`` (its ``observe`` runs there)."""
+    readers: list[trio.lowlevel.Task] = []
+    await link.execute(
+        *command, observe=lambda replies: readers.append(trio.lowlevel.current_task())
+    )
+    (reader,) = readers
+    return reader
+
+
+async def test_a_lone_command_is_read_by_its_own_caller(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """A socket link's caller reads its own reply instead of waiting for the
+    reader task's pass; a TLS-like stream (any other) leaves it to the reader."""
+    link = await connect(redis_server, nursery)
+    assert await reading_task(link, "PING") is trio.lowlevel.current_task()
+    assert await reading_task(link, "ECHO", "again") is trio.lowlevel.current_task()
+
+    stream = await trio.open_tcp_stream("127.0.0.1", redis_server.port)
+    other = RedisLink(CountingStream(stream), 5.0)
+    await nursery.start(other.run)
+    assert await reading_task(other, "PING") is not trio.lowlevel.current_task()
+    other.fail(RuntimeError("test over"))
+
+
+async def test_a_caller_reading_for_others_delivers_their_replies(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """Commands queued behind one another get their own replies, whoever reads."""
+    link = await connect(redis_server, nursery)
+    answers: dict[int, Any] = {}
+
+    async def echo(index: int) -> None:
+        answers[index] = await link.execute("ECHO", str(index))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(link.execute, "BLPOP", "nothing", 0.2)  # holds the line
+        await trio.testing.wait_all_tasks_blocked()
+        for index in range(5):
+            inner.start_soon(echo, index)
+    assert answers == {index: str(index).encode() for index in range(5)}
+
+
+async def test_the_read_side_goes_back_to_the_reader_after_a_caller(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """After a caller read its own reply, or gave up while reading, a push
+    that comes while no command is in flight still reaches ``on_push``."""
+    link = await connect(redis_server, nursery)
+    pushed = trio.Event()
+    link.on_push = lambda push: pushed.set()
+    await link.execute("HELLO", "3")
+    await link.execute("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "r:")
+    with trio.move_on_after(0.05) as scope:  # cancelled while it holds the read side
+        await link.execute("BLPOP", "r:never", 0.3)
+    assert scope.cancelled_caught
+    assert await link.execute("ECHO", "mine") == b"mine"  # read by this task
+    other = redis.Redis(port=redis_server.port)
+    await trio.to_thread.run_sync(other.set, "r:x", "1")
+    with trio.fail_after(5):
+        await pushed.wait()  # read by the reader task: nobody else reads now
+    other.close()
+    assert not link.broken
+
+
+async def test_a_caller_reading_when_redis_stalls_gets_link_down(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """The stall watch reaches a caller that holds the read side, too."""
+    link = await connect(redis_server, nursery, command_timeout=0.2)
+    assert await reading_task(link, "PING") is trio.lowlevel.current_task()
+    redis_server.pause()
+    try:
+        with trio.fail_after(5), pytest.raises(LinkDown, match="did not answer"):
+            await link.execute("PING")
+    finally:
+        redis_server.resume()
+    with pytest.raises(LinkDown):
+        await link.execute("PING")
