@@ -141,6 +141,22 @@ async def test_a_write_by_a_plain_redis_client_invalidates(
     assert tracked.near.invalidations["key"] >= 1
 
 
+async def test_a_read_after_another_clients_acknowledged_write_is_fresh(
+    tracked: Tracked, redis_server: RedisServer
+) -> None:
+    """A read asked for after another client's write was answered sees it,
+    even before the reader task has had a turn: the invalidation Redis sent
+    is taken in before the copy answers. (The write here blocks this thread,
+    so no task runs between it and the read.)"""
+    store = tracked.store
+    await store.set(SESSION, b"ours", 60_000)
+    assert await store.get(SESSION) == b"ours"  # in the copy now
+    with redis_server.client() as other:
+        for round_ in range(20):
+            other.set(SESSION, f"theirs {round_}")  # acknowledged, on this thread
+            assert await store.get(SESSION) == f"theirs {round_}".encode()
+
+
 async def test_workflow_states_and_cache_values_are_tracked_but_locks_are_not(
     tracked: Tracked, redis_server: RedisServer
 ) -> None:

@@ -160,6 +160,11 @@ class RedisStore:
         near = self._near_for(key)
         if near is None:
             return await self.link.execute("GET", key)  # type: ignore[no-any-return]
+        # What Redis has sent comes first. Redis writes out a write's
+        # invalidations in the same pass of its event loop as the write's
+        # reply, so a read asked for after the writer was answered finds
+        # them here, even before the reader task has run (README, "Near cache").
+        self.link.take_waiting()
         if self.link.broken:
             near.clear()  # its pushes stopped with the link
             return await self.link.execute("GET", key)  # type: ignore[no-any-return]  # LinkDown
